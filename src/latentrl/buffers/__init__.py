@@ -1,0 +1,3 @@
+from latentrl.buffers.replay import ReplayBuffer
+
+__all__ = ["ReplayBuffer"]

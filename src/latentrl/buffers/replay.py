@@ -1,0 +1,156 @@
+"""Preallocated circular replay storage.
+
+Each observation is stored once: slot i holds obs_i, and when `valid[i]` it also holds the
+transition i -> i+1 (action, reward, terminated), whose next observation is obs at slot i+1.
+At an episode end the final observation takes a slot of its own that is not a transition start,
+so pixel replay costs one frame per transition, not two. `terminated` stops bootstrapping;
+a time-limit truncation only ends the episode.
+
+Episode bookkeeping (episode id, last slot of each episode) supports hindsight relabeling:
+`sample_future(idx)` draws a later slot of the same episode (HER's "future" strategy).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+
+
+class ReplayBuffer:
+    def __init__(self, capacity: int, obs_shape: tuple, obs_dtype, action_dim: int, seed: int = 0,
+                 extras: Mapping[str, tuple] | None = None):
+        """extras: name -> (shape, dtype) of per-transition fields an agent stores beside the core ones."""
+        if capacity < 2:
+            raise ValueError(f"replay capacity must be >= 2, got {capacity}")
+        self.capacity = int(capacity)
+        self.obs = np.zeros((capacity, *obs_shape), dtype=obs_dtype)
+        self.action = np.zeros((capacity, action_dim), dtype=np.float32)
+        self.reward = np.zeros(capacity, dtype=np.float32)
+        self.terminated = np.zeros(capacity, dtype=bool)
+        self.valid = np.zeros(capacity, dtype=bool)
+        self.episode = np.full(capacity, -1, dtype=np.int64)
+        self.episode_last = np.full(capacity, -1, dtype=np.int64)  # last slot of the slot's episode, -1 while running
+        self.extras = {k: np.zeros((capacity, *shape), dtype=dt) for k, (shape, dt) in (extras or {}).items()}
+        self.rng = np.random.default_rng(seed)
+        self.ptr = 0  # slot where the next transition starts (holds its obs once an episode runs)
+        self.size = 0  # slots written so far (<= capacity)
+        self.num_transitions = 0  # transitions ever added
+        self.episode_id = 0
+        self.episode_open = False  # whether obs at `ptr` is the current observation of a running episode
+        self.episode_first = 0  # first slot of the running episode
+
+    # ---------------------------------------------------------------- writing
+    def bytes_per_transition(self) -> int:
+        per_slot = self.obs[0].nbytes + self.action[0].nbytes + 4 + 1 + 1 + 8 + 8
+        return per_slot + sum(a[0].nbytes for a in self.extras.values())
+
+    def _write_obs(self, slot: int, obs: np.ndarray) -> None:
+        self.obs[slot] = obs
+        self.valid[slot] = False
+        self.episode[slot] = self.episode_id
+        self.episode_last[slot] = -1
+        self.size = max(self.size, slot + 1)
+
+    def add(self, obs, action, reward, next_obs, terminated: bool, truncated: bool, **extras) -> int:
+        """Store one transition; returns its slot."""
+        if not self.episode_open:
+            self._write_obs(self.ptr, obs)
+            self.episode_open = True
+            self.episode_first = self.ptr
+        slot = self.ptr
+        self.action[slot] = action
+        self.reward[slot] = reward
+        self.terminated[slot] = terminated
+        for k, v in extras.items():
+            self.extras[k][slot] = v
+        self.valid[slot] = True
+        self.num_transitions += 1
+        nxt = (slot + 1) % self.capacity
+        self._write_obs(nxt, next_obs)
+        self.ptr = nxt
+        if terminated or truncated:
+            self._close_episode(last=nxt)
+        return slot
+
+    def _close_episode(self, last: int) -> None:
+        n = (last - self.episode_first) % self.capacity + 1
+        self.episode_last[(self.episode_first + np.arange(n)) % self.capacity] = last
+        self.episode_id += 1
+        self.episode_open = False
+        self.ptr = (last + 1) % self.capacity  # the final observation keeps its own slot
+
+    # ---------------------------------------------------------------- reading
+    def __len__(self) -> int:
+        return int(self.valid.sum())
+
+    def sample_idx(self, n: int) -> np.ndarray:
+        """Uniform over stored transitions (rejection over the few non-transition slots)."""
+        if not self.valid[: self.size].any():
+            raise RuntimeError("replay buffer holds no transitions yet: raise trainer.warmup_steps")
+        idx = self.rng.integers(0, self.size, n)
+        bad = ~self.valid[idx]
+        while bad.any():
+            idx[bad] = self.rng.integers(0, self.size, int(bad.sum()))
+            bad = ~self.valid[idx]
+        return idx
+
+    def next_idx(self, idx: np.ndarray) -> np.ndarray:
+        return (idx + 1) % self.capacity
+
+    def sample_future(self, idx: np.ndarray) -> np.ndarray:
+        """For each transition slot, a uniformly drawn later observation slot of the same episode
+        (from its next observation up to the episode's last)."""
+        last = np.where(self.episode_last[idx] >= 0, self.episode_last[idx], self.ptr)
+        span = (last - idx) % self.capacity  # >= 1 for a transition slot
+        offset = (self.rng.random(len(idx)) * span).astype(np.int64) + 1
+        return (idx + np.minimum(offset, span)) % self.capacity
+
+    def sample(self, n: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        idx = self.sample_idx(n)
+        return self.gather(idx, device)
+
+    def gather(self, idx: np.ndarray, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        nxt = self.next_idx(idx)
+        t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
+        batch = {
+            "obs": t(self.obs[idx]),
+            "action": t(self.action[idx]),
+            "reward": t(self.reward[idx]),
+            "next_obs": t(self.obs[nxt]),
+            "terminated": t(self.terminated[idx].astype(np.float32)),
+            "idx": idx,
+        }
+        for k, v in self.extras.items():
+            batch[k] = t(v[idx])
+        return batch
+
+    # ---------------------------------------------------------------- checkpointing
+    _ARRAYS = ("obs", "action", "reward", "terminated", "valid", "episode", "episode_last")
+    _SCALARS = ("ptr", "size", "num_transitions", "episode_id", "episode_open", "episode_first")
+
+    def state_dict(self) -> dict:
+        n = self.size
+        state = {k: torch.from_numpy(np.ascontiguousarray(getattr(self, k)[:n])) for k in self._ARRAYS}
+        state["extras"] = {k: torch.from_numpy(np.ascontiguousarray(v[:n])) for k, v in self.extras.items()}
+        state.update({k: getattr(self, k) for k in self._SCALARS})
+        state["rng"] = self.rng.bit_generator.state
+        state["capacity"] = self.capacity
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["capacity"] != self.capacity:
+            raise ValueError(f"checkpointed buffer has capacity {state['capacity']}, config says {self.capacity}")
+        n = state["size"]
+        for k in self._ARRAYS:
+            src = state[k].numpy()
+            dst = getattr(self, k)
+            if src.shape[1:] != dst.shape[1:]:
+                raise ValueError(f"checkpointed buffer field '{k}' has shape {src.shape[1:]}, expected {dst.shape[1:]}")
+            dst[:n] = src
+        for k, v in state["extras"].items():
+            self.extras[k][:n] = v.numpy()
+        for k in self._SCALARS:
+            setattr(self, k, state[k])
+        self.rng.bit_generator.state = state["rng"]

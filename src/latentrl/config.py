@@ -1,0 +1,119 @@
+"""Typed schemas for the config groups the trainer reads, validation with readable errors,
+and the OmegaConf resolvers the Hydra config uses (run directory naming)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key and how to fix it."""
+
+
+@dataclass
+class EnvConfig:
+    id: str = "Pendulum-v1"  # gymnasium id
+    pixels: bool = False  # observations are images (uint8, stored channels-first)
+    action_repeat: int = 1  # repeat each agent action this many env frames (rewards summed)
+    frame_stack: int = 1  # stack this many consecutive frames along channels (pixels only)
+    resize: Optional[int] = None  # square side to resize frames to (pixels only; null keeps native)
+    grayscale: bool = False  # convert RGB frames to one channel (pixels only)
+    max_episode_steps: Optional[int] = None  # override the env's time limit, in env frames
+    kwargs: dict = field(default_factory=dict)  # extra keyword arguments for gymnasium.make
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 100_000  # agent steps (env frames = steps * action_repeat)
+    warmup_steps: int = 5_000  # uniformly random actions before learning starts
+    updates_per_step: float = 1.0  # agent.update() calls per env step; fractions update every few steps
+    eval_every: int = 10_000  # evaluate every this many steps (0: only at the end)
+    eval_episodes: int = 10  # deterministic episodes per evaluation
+    checkpoint_every: int = 10_000  # write checkpoints/last.pt every this many steps (0: only at the end)
+    save_buffer: bool = True  # also checkpoint the replay buffers (needed for an exact resume)
+    log_every: int = 1_000  # average and log training metrics every this many steps
+    progress: bool = True  # console progress bar
+    log_eval_video: bool = False  # log one eval episode as an animated image to TensorBoard
+
+
+_SCHEMAS = {"env": EnvConfig, "trainer": TrainerConfig}
+_NON_NEGATIVE = {
+    "trainer": ["total_steps", "warmup_steps", "updates_per_step", "eval_every", "eval_episodes",
+                "checkpoint_every"],
+}
+_POSITIVE = {"trainer": ["log_every"], "env": ["action_repeat", "frame_stack"]}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the typed groups in place: unknown keys, wrong types and out-of-range values
+    raise ConfigError naming the key, instead of failing deep inside a run."""
+    for group, schema in _SCHEMAS.items():
+        if group not in cfg:
+            raise ConfigError(f"config has no '{group}' group: add '- {group}: ...' to the defaults list")
+        try:
+            typed = OmegaConf.merge(OmegaConf.structured(schema), cfg[group])
+        except OmegaConfBaseException as e:
+            key = f"{group}.{e.key}" if getattr(e, "key", None) else group
+            raise ConfigError(
+                f"invalid config value at '{key}': {e.msg if hasattr(e, 'msg') else e}. "
+                f"Fix the override or YAML (expected fields: {', '.join(schema.__dataclass_fields__)})"
+            ) from None
+        for name in _NON_NEGATIVE.get(group, []):
+            if typed[name] < 0:
+                raise ConfigError(f"'{group}.{name}' must be >= 0, got {typed[name]}: set {group}.{name}=<non-negative number>")
+        for name in _POSITIVE.get(group, []):
+            if typed[name] < 1:
+                raise ConfigError(f"'{group}.{name}' must be >= 1, got {typed[name]}: set {group}.{name}=<positive integer>")
+        with _open(cfg):
+            cfg[group] = typed
+    if cfg.env.resize is not None and cfg.env.resize < 8:
+        raise ConfigError(f"'env.resize' must be null or >= 8, got {cfg.env.resize}")
+    if not isinstance(cfg.get("seed"), int) or cfg.seed < 0:
+        raise ConfigError(f"'seed' must be a non-negative integer, got {cfg.get('seed')!r}")
+
+
+class _open:
+    """Temporarily lift struct/readonly flags so validated groups can replace the raw ones."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    def __enter__(self):
+        self.struct, self.ro = OmegaConf.is_struct(self.cfg), OmegaConf.is_readonly(self.cfg)
+        OmegaConf.set_struct(self.cfg, False)
+        OmegaConf.set_readonly(self.cfg, False)
+
+    def __exit__(self, *exc):
+        OmegaConf.set_struct(self.cfg, self.struct)
+        OmegaConf.set_readonly(self.cfg, self.ro)
+
+
+def to_plain(cfg: DictConfig) -> dict[str, Any]:
+    """Resolved plain-dict copy (checkpoints store configs this way: weights_only loads refuse DictConfig)."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def _run_dir(resume: Any, date: str, time: str, agent: str, env: str, seed: Any) -> str:
+    """A resumed run continues in its own directory; a new one gets a name unique even when two
+    runs start in the same second (a short random suffix)."""
+    if resume not in (None, "None", "null", ""):
+        return os.path.abspath(str(resume))
+    return f"outputs/{date}/{time}_{agent}_{env}_s{seed}_{secrets.token_hex(2)}"
+
+
+def _output_subdir(resume: Any, time: str) -> str:
+    """Keep a run's original .hydra/ intact when it is resumed."""
+    if resume not in (None, "None", "null", ""):
+        return f".hydra_resume/{time}"
+    return ".hydra"
+
+
+def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("latentrl_run_dir", _run_dir, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("latentrl_output_subdir", _output_subdir, use_cache=True, replace=True)

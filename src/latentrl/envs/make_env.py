@@ -1,0 +1,55 @@
+"""Build one environment from the `env` config: gymnasium.make plus our wrappers.
+
+Agents always act in [-1, 1]^n; RescaleAction maps that onto the env's own bounds (CarRacing's
+gas and brake live in [0, 1]). Pixel observations come out as uint8 channels-first arrays."""
+
+from __future__ import annotations
+
+import os
+
+import gymnasium as gym
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from latentrl.config import ConfigError
+from latentrl.envs.wrappers import ActionRepeat, FrameStack, PixelPreprocess
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo rendering; a user's choice wins
+
+
+def make_env(env_cfg: DictConfig, render_mode: str | None = None) -> gym.Env:
+    kwargs = OmegaConf.to_container(env_cfg.kwargs, resolve=True) if env_cfg.get("kwargs") else {}
+    if env_cfg.get("max_episode_steps"):
+        kwargs["max_episode_steps"] = int(env_cfg.max_episode_steps)
+    if render_mode:
+        kwargs["render_mode"] = render_mode
+    try:
+        env = gym.make(env_cfg.id, **kwargs)
+    except gym.error.Error as e:
+        raise ConfigError(f"env.id='{env_cfg.id}' could not be made ({e}); pick one of conf/env/*.yaml") from None
+    if not isinstance(env.action_space, gym.spaces.Box):
+        raise ConfigError(f"env.id='{env_cfg.id}' has a {type(env.action_space).__name__} action space; "
+                          "latentrl agents need continuous (Box) actions")
+    env = gym.wrappers.RescaleAction(env, -1.0, 1.0)
+    if env_cfg.pixels:
+        shape = env.observation_space.shape
+        if len(shape) != 3:
+            raise ConfigError(f"env.pixels=true but {env_cfg.id} observations have shape {shape}: set env.pixels=false")
+        env = PixelPreprocess(env, env_cfg.resize, env_cfg.grayscale)
+        if env_cfg.frame_stack > 1:
+            env = FrameStack(env, env_cfg.frame_stack)
+    elif env_cfg.frame_stack > 1 or env_cfg.resize or env_cfg.grayscale:
+        raise ConfigError("env.frame_stack/resize/grayscale apply to pixel envs only: set env.pixels=true or drop them")
+    if env_cfg.action_repeat > 1:
+        env = ActionRepeat(env, env_cfg.action_repeat)
+    return env
+
+
+def episode_seed(seed: int, episode: int, stream: int = 0) -> int:
+    """Seed of one episode's reset. Seeding every reset explicitly makes episodes replayable:
+    a resumed run rebuilds its env mid-episode by replaying that episode's actions."""
+    return int(np.random.SeedSequence([seed, stream, episode]).generate_state(1)[0])
+
+
+def is_pixel_space(space: gym.Space) -> bool:
+    return isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 3

@@ -1,0 +1,53 @@
+"""One logging facade: TensorBoard scalars/text/images, the console, and a JSONL copy of every
+logged scalar (metrics.jsonl) that scripts can read without TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+log = logging.getLogger("latentrl")
+
+
+class Logger:
+    def __init__(self, run_dir: Path, purge_step: int | None = None):
+        """purge_step: on resume, drop events at or after this step that the killed run wrote past
+        its last checkpoint, so TensorBoard shows one curve with no duplicated steps."""
+        self.tb_dir = Path(run_dir) / "tb"
+        self.writer = SummaryWriter(str(self.tb_dir), purge_step=purge_step, flush_secs=30)
+        self.jsonl_path = Path(run_dir) / "metrics.jsonl"
+        if purge_step is not None and self.jsonl_path.exists():
+            kept = [ln for ln in self.jsonl_path.read_text().splitlines() if ln and json.loads(ln)["step"] < purge_step]
+            self.jsonl_path.write_text("".join(ln + "\n" for ln in kept))
+        self.jsonl = self.jsonl_path.open("a")
+
+    def scalars(self, metrics: dict, step: int) -> dict[str, float]:
+        """metrics: 'namespace/name' -> number or 0-d tensor. Returns them as floats."""
+        values = {k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        return values
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        self.writer.add_text(tag, text, step)
+
+    def image(self, tag: str, img: np.ndarray, step: int) -> None:
+        """img: CHW, uint8 or float in [0, 1]."""
+        img = np.asarray(img)
+        if img.dtype == np.uint8:
+            img = img.astype(np.float32) / 255.0
+        self.writer.add_image(tag, np.clip(img, 0, 1), step, dataformats="CHW")
+
+    def flush(self) -> None:
+        self.writer.flush()
+        self.jsonl.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+        self.jsonl.close()

@@ -1,0 +1,60 @@
+"""Entry point behind the root train.py: resolve the run directory and config (fresh or resumed),
+validate, then hand over to the Trainer."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from latentrl.config import ConfigError, validate
+
+log = logging.getLogger("latentrl")
+
+# keys a resumed run may change from the command line; anything else would make it another experiment
+RESUME_SAFE_KEYS = {"resume", "device", "threads", "trainer.total_steps", "trainer.eval_every",
+                    "trainer.eval_episodes", "trainer.checkpoint_every", "trainer.log_every", "trainer.progress",
+                    "trainer.save_buffer", "trainer.log_eval_video"}
+
+
+def _override_key(override: str) -> str:
+    key = override.split("=", 1)[0].lstrip("+~")
+    return key
+
+
+def resume_config(cli_cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The resumed run's own saved config, with the command line's resume-safe overrides on top."""
+    run_dir = Path(str(cli_cfg.resume))
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        raise ConfigError(f"resume={run_dir}: no config.yaml there. Pass a run directory made by train.py "
+                          "(outputs/<date>/<time>_<agent>_<env>_s<seed>_<id>)")
+    cfg = OmegaConf.load(saved)
+    for ov in overrides:
+        key = _override_key(ov)
+        if key.startswith("hydra.") or key.startswith("hydra/"):
+            continue
+        if key not in RESUME_SAFE_KEYS:
+            raise ConfigError(f"cannot change '{key}' when resuming {run_dir}: a resumed run keeps its saved config. "
+                              f"Start a new run for a different setting; resume accepts {sorted(RESUME_SAFE_KEYS)}")
+        OmegaConf.update(cfg, key, OmegaConf.select(cli_cfg, key), force_add=True)
+    cfg.resume = str(run_dir)
+    return cfg
+
+
+def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> float | None:
+    """Train one run; returns the final mean eval return (the value Hydra sweepers optimise)."""
+    from latentrl.trainer import Trainer  # imported late: keeps `train.py --help` fast
+
+    resuming = cfg.get("resume") not in (None, "")
+    if resuming:
+        cfg = resume_config(cfg, overrides or [])
+        run_dir = Path(str(cfg.resume))
+    run_dir = Path(run_dir)
+    validate(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    log.info("run directory: %s", run_dir.resolve())
+    results = Trainer(cfg, run_dir, resume=resuming).train()
+    return None if results is None else results["eval/return_mean"]

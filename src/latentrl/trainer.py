@@ -1,0 +1,303 @@
+"""The training loop: collect, store, update, evaluate, log, checkpoint, resume.
+
+It builds the parts from the config and drives them through the `Agent` interface; it knows no
+algorithm. Resume is exact on CPU: networks, optimizers, buffers, RNG states and counters are
+restored, and the env is brought back mid-episode by replaying that episode's actions from its
+seeded reset."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from latentrl import checkpoint as ckpt_io
+from latentrl.config import to_plain
+from latentrl.envs import episode_seed, make_env
+from latentrl.logging import Logger
+
+log = logging.getLogger("latentrl")
+
+EVAL_STREAM = 1  # seed stream of evaluation episodes (training episodes use stream 0)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def every(interval: int, step: int) -> bool:
+    return interval > 0 and step % interval == 0
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, run_dir: Path, resume: bool = False):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.t = cfg.trainer
+        if cfg.get("threads"):
+            torch.set_num_threads(int(cfg.threads))
+        seed_everything(cfg.seed)
+        self.device = resolve_device(cfg.device)
+
+        self.env = make_env(cfg.env)
+        self.eval_env = make_env(cfg.env)
+        self.env.action_space.seed(cfg.seed)
+        obs_space, action_space = self.env.observation_space, self.env.action_space
+        log.info("env %s: obs %s %s, action %s", cfg.env.id, obs_space.shape, obs_space.dtype, action_space.shape)
+        log.info("building encoder %s", cfg.encoder._target_)
+        encoder = instantiate(cfg.encoder, obs_space=obs_space)
+        log.info("building agent %s on %s", cfg.agent._target_, self.device)
+        self.agent = instantiate(cfg.agent, encoder=encoder, obs_space=obs_space, action_space=action_space,
+                                 device=str(self.device), seed=cfg.seed, _recursive_=False)
+        for name, buf in self.agent.buffers().items():
+            log.info("buffer '%s': capacity %d, %d bytes per transition (%.2f GiB when full)", name, buf.capacity,
+                     buf.bytes_per_transition(), buf.capacity * buf.bytes_per_transition() / 2**30)
+
+        # counters (all checkpointed)
+        self.step = 0  # env steps taken (agent decisions)
+        self.episode = 0  # training episodes started
+        self.num_updates = 0
+        self.update_credit = 0.0  # fractional updates_per_step accumulate here
+        self.wall_time = 0.0  # seconds trained, summed over resumes
+        self.episode_actions: list[np.ndarray] = []  # actions of the running episode (to rebuild it on resume)
+        self.episode_return, self.episode_length = 0.0, 0
+        self.last_return = float("nan")
+        self.last_eval: dict = {}
+        self.obs = None
+        self.stop_requested = False
+
+        if resume:
+            self._load()
+        self.logger = Logger(self.run_dir, purge_step=self.step if resume else None)
+        if not resume:
+            self.logger.text("config", "```yaml\n" + OmegaConf.to_yaml(cfg) + "\n```")
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict | None:
+        """Run until trainer.total_steps; returns the final eval metrics (None when interrupted)."""
+        total = self.t.total_steps
+        if self.obs is None:
+            self.obs = self._reset_episode()
+        window_start, window_step, window_updates = time.time(), self.step, self.num_updates
+        metric_sums: dict[str, torch.Tensor] = {}
+        metric_counts: dict[str, int] = {}
+        old_handlers = self._install_signal_handlers()
+        session_start = time.time()
+        bar = tqdm(total=total, initial=self.step, disable=not self.t.progress, dynamic_ncols=True,
+                   mininterval=1.0, unit="step")
+        try:
+            with logging_redirect_tqdm():
+                while self.step < total and not self.stop_requested:
+                    self._env_step()
+                    if self.step > self.t.warmup_steps:
+                        self.update_credit += self.t.updates_per_step
+                        while self.update_credit >= 1.0:
+                            for k, v in self.agent.update(self.step).items():
+                                metric_sums[k] = metric_sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v)
+                                metric_counts[k] = metric_counts.get(k, 0) + 1
+                            self.num_updates += 1
+                            self.update_credit -= 1.0
+                    bar.update(1)
+                    if every(self.t.log_every, self.step):
+                        now = time.time()
+                        perf = {"perf/env_steps_per_s": (self.step - window_step) / max(now - window_start, 1e-9),
+                                "perf/updates_per_s": (self.num_updates - window_updates) / max(now - window_start, 1e-9),
+                                "perf/frames": self.step * self.cfg.env.action_repeat}
+                        self.logger.scalars({**{k: metric_sums[k] / metric_counts[k] for k in metric_sums}, **perf},
+                                            self.step)
+                        metric_sums, metric_counts = {}, {}
+                        window_start, window_step, window_updates = now, self.step, self.num_updates
+                        bar.set_postfix(ret=f"{self.last_return:.1f}", sps=f"{perf['perf/env_steps_per_s']:.0f}",
+                                        refresh=False)
+                    if every(self.t.eval_every, self.step) and self.step < total:
+                        self.evaluate()
+                    if every(self.t.checkpoint_every, self.step) and self.step < total:
+                        self.save(time.time() - session_start)
+                        session_start = time.time()
+        finally:
+            bar.close()
+            self._restore_signal_handlers(old_handlers)
+        if self.stop_requested:
+            self.save(time.time() - session_start)
+            log.info("interrupted at step %d; checkpoint saved. Continue with: python train.py resume=%s",
+                     self.step, self.run_dir)
+            self.logger.close()
+            return None
+        if self.last_eval.get("step") != self.step:
+            self.evaluate()
+        self.save(time.time() - session_start)
+        results = {**{k: v for k, v in self.last_eval.items() if k != "step"}, "step": self.step,
+                   "frames": self.step * self.cfg.env.action_repeat, "episodes": self.episode,
+                   "updates": self.num_updates, "wall_time_s": round(self.wall_time, 1)}
+        (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        log.info("done: eval return %.1f +- %.1f after %d steps; results in %s", results["eval/return_mean"],
+                 results["eval/return_std"], self.step, self.run_dir / "results.json")
+        self.logger.close()
+        return results
+
+    def _env_step(self) -> None:
+        if self.step < self.t.warmup_steps:
+            action = self.agent.act_random(self.obs)
+        else:
+            action = self.agent.act(self.obs, explore=True)
+        next_obs, reward, terminated, truncated, _ = self.env.step(action)
+        self.agent.observe(self.obs, action, float(reward), next_obs, bool(terminated), bool(truncated))
+        self.episode_actions.append(np.asarray(action, dtype=np.float32))
+        self.episode_return += float(reward)
+        self.episode_length += 1
+        self.step += 1
+        if terminated or truncated:
+            self.last_return = self.episode_return
+            self.logger.scalars({"train/episode_return": self.episode_return,
+                                 "train/episode_length": self.episode_length}, self.step)
+            self.episode += 1
+            self.obs = self._reset_episode()
+        else:
+            self.obs = next_obs
+
+    def _reset_episode(self) -> np.ndarray:
+        obs, _ = self.env.reset(seed=episode_seed(self.cfg.seed, self.episode))
+        self.episode_actions, self.episode_return, self.episode_length = [], 0.0, 0
+        self.agent.begin_episode(explore=True)
+        return obs
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict:
+        """Deterministic policy on a separate env, the same seeded episodes every time. RNG states
+        are restored afterwards so evaluating never changes the training run."""
+        torch_state, agent_rng = torch.get_rng_state(), self.agent.np_rng.bit_generator.state
+        returns, lengths = [], []
+        for i in range(self.t.eval_episodes):
+            self.agent.begin_episode(explore=False)
+            obs, _ = self.eval_env.reset(seed=episode_seed(self.cfg.seed, i, EVAL_STREAM))
+            done, ret, length = False, 0.0, 0
+            while not done:
+                obs, reward, terminated, truncated, _ = self.eval_env.step(self.agent.act(obs, explore=False))
+                ret += float(reward)
+                length += 1
+                done = terminated or truncated
+            returns.append(ret)
+            lengths.append(length)
+        torch.set_rng_state(torch_state)
+        self.agent.np_rng.bit_generator.state = agent_rng
+        metrics = {"eval/return_mean": float(np.mean(returns)) if returns else float("nan"),
+                   "eval/return_std": float(np.std(returns)) if returns else float("nan"),
+                   "eval/episode_length": float(np.mean(lengths)) if lengths else float("nan")}
+        self.logger.scalars(metrics, self.step)
+        for name, img in self.agent.images().items():
+            self.logger.image(name, img, self.step)
+        self.logger.flush()
+        log.info("step %d: eval return %.1f +- %.1f over %d episodes", self.step, metrics["eval/return_mean"],
+                 metrics["eval/return_std"], len(returns))
+        self.last_eval = {**metrics, "returns": returns, "step": self.step}
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save(self, session_seconds: float = 0.0) -> None:
+        self.wall_time += session_seconds
+        if self.t.save_buffer:  # buffers first: last.pt names the step the buffers must match
+            ckpt_io.atomic_save({"step": self.step,
+                                 "buffers": {k: b.state_dict() for k, b in self.agent.buffers().items()}},
+                                self.ckpt_dir / "buffers.pt")
+        cfg_plain = to_plain(self.cfg)
+        state = {
+            "format_version": ckpt_io.FORMAT_VERSION,
+            "fingerprint": ckpt_io.fingerprint(cfg_plain),
+            "config": cfg_plain,
+            "counters": {"step": self.step, "episode": self.episode, "num_updates": self.num_updates,
+                         "update_credit": self.update_credit, "wall_time": self.wall_time,
+                         "episode_return": self.episode_return, "episode_length": self.episode_length,
+                         "last_return": self.last_return},
+            "episode_actions": torch.as_tensor(np.array(self.episode_actions, dtype=np.float32).reshape(
+                len(self.episode_actions), self.agent.action_dim)),
+            "obs": torch.as_tensor(np.asarray(self.obs)),
+            "last_eval": {k: v for k, v in self.last_eval.items()},
+            "rng": ckpt_io.rng_state(),
+            "agent": self.agent.checkpoint_state(),
+            "buffers_saved": bool(self.t.save_buffer),
+        }
+        ckpt_io.atomic_save(state, self.ckpt_dir / "last.pt")
+        self.logger.flush()
+        log.info("checkpoint saved at step %d: %s", self.step, self.ckpt_dir / "last.pt")
+
+    def _load(self) -> None:
+        path = self.ckpt_dir / "last.pt"
+        state = ckpt_io.load(path)
+        ckpt_io.check_compatible(state, to_plain(self.cfg), path)
+        try:
+            self.agent.load_checkpoint_state(state["agent"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise ckpt_io.CheckpointError(f"checkpoint {path} does not match the agent built from this config "
+                                          f"({type(e).__name__}: {str(e).splitlines()[0]}). Resume with the run's "
+                                          "own config.yaml, without overrides that change network shapes.") from None
+        c = state["counters"]
+        self.step, self.episode, self.num_updates = c["step"], c["episode"], c["num_updates"]
+        self.update_credit, self.wall_time = c["update_credit"], c["wall_time"]
+        self.last_return = c["last_return"]
+        self.last_eval = state["last_eval"]
+        buffers_file = self.ckpt_dir / "buffers.pt"
+        if state["buffers_saved"] and buffers_file.exists():
+            bufs = ckpt_io.load(buffers_file)
+            if bufs["step"] != self.step:
+                raise ckpt_io.CheckpointError(f"{buffers_file} is from step {bufs['step']} but last.pt from step "
+                                              f"{self.step}: the run was killed while checkpointing; no exact resume")
+            for name, buf in self.agent.buffers().items():
+                buf.load_state_dict(bufs["buffers"][name])
+        else:
+            log.warning("no replay buffer in the checkpoint (trainer.save_buffer=false): the resumed run refills it "
+                        "and will not match an uninterrupted run exactly")
+        # rebuild the running episode: same seeded reset, same actions
+        obs, _ = self.env.reset(seed=episode_seed(self.cfg.seed, self.episode))
+        for action in state["episode_actions"].numpy():
+            obs, *_ = self.env.step(action)
+        if not np.array_equal(np.asarray(obs), state["obs"].numpy()):
+            log.warning("replaying the running episode did not reproduce its observation (non-deterministic env); "
+                        "continuing from the replayed state")
+        self.obs = obs
+        self.episode_actions = list(state["episode_actions"].numpy())
+        self.episode_return, self.episode_length = c["episode_return"], c["episode_length"]
+        ckpt_io.set_rng_state(state["rng"])
+        log.info("resumed %s at step %d (episode %d, %d updates)", self.run_dir, self.step, self.episode,
+                 self.num_updates)
+
+    # ------------------------------------------------------------------ signals
+    def _install_signal_handlers(self):
+        def request_stop(signum, _frame):
+            log.warning("received %s: finishing this step, saving a checkpoint, then exiting",
+                        signal.Signals(signum).name)
+            self.stop_requested = True
+
+        old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                old[sig] = signal.signal(sig, request_stop)
+            except ValueError:  # not the main thread (some launchers): no handler, no crash
+                pass
+        return old
+
+    @staticmethod
+    def _restore_signal_handlers(old) -> None:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
