@@ -24,7 +24,7 @@ class Logger:
         if purge_step is not None and self.jsonl_path.exists():
             kept = [ln for ln in self.jsonl_path.read_text().splitlines() if ln and json.loads(ln)["step"] < purge_step]
             self.jsonl_path.write_text("".join(ln + "\n" for ln in kept))
-        self.jsonl = self.jsonl_path.open("a")
+        self.jsonl = self.jsonl_path.open("a", buffering=1)  # line-buffered: readable while the run goes on
 
     def scalars(self, metrics: dict, step: int) -> dict[str, float]:
         """metrics: 'namespace/name' -> number or 0-d tensor. Returns them as floats."""

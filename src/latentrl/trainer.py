@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from latentrl import checkpoint as ckpt_io
-from latentrl.config import to_plain
+from latentrl.config import ConfigError, to_plain
 from latentrl.envs import episode_seed, make_env
 from latentrl.logging import Logger
 
@@ -44,6 +45,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def build(node: DictConfig, group: str, **kwargs):
+    """hydra.utils.instantiate, but a ConfigError raised by the part itself reaches the user as is,
+    and a bad keyword names the config group instead of a deep stack trace."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        if isinstance(cause, TypeError) and "argument" in str(cause):
+            raise ConfigError(f"{group} config does not fit {node._target_}: {cause}. Check the {group}.* keys "
+                              f"against conf/{group}/") from None
+        raise
+
+
 def every(interval: int, step: int) -> bool:
     return interval > 0 and step % interval == 0
 
@@ -63,10 +79,10 @@ class Trainer:
         obs_space, action_space = self.env.observation_space, self.env.action_space
         log.info("env %s: obs %s %s, action %s", cfg.env.id, obs_space.shape, obs_space.dtype, action_space.shape)
         log.info("building encoder %s", cfg.encoder._target_)
-        encoder = instantiate(cfg.encoder, obs_space=obs_space)
+        encoder = build(cfg.encoder, "encoder", obs_space=obs_space)
         log.info("building agent %s on %s", cfg.agent._target_, self.device)
-        self.agent = instantiate(cfg.agent, encoder=encoder, obs_space=obs_space, action_space=action_space,
-                                 device=str(self.device), seed=cfg.seed, _recursive_=False)
+        self.agent = build(cfg.agent, "agent", encoder=encoder, obs_space=obs_space, action_space=action_space,
+                           device=str(self.device), seed=cfg.seed, _recursive_=False)
         for name, buf in self.agent.buffers().items():
             log.info("buffer '%s': capacity %d, %d bytes per transition (%.2f GiB when full)", name, buf.capacity,
                      buf.bytes_per_transition(), buf.capacity * buf.bytes_per_transition() / 2**30)
@@ -86,7 +102,8 @@ class Trainer:
 
         if resume:
             self._load()
-        self.logger = Logger(self.run_dir, purge_step=self.step if resume else None)
+        # events at the checkpoint's own step were written before it was saved: purge only later ones
+        self.logger = Logger(self.run_dir, purge_step=self.step + 1 if resume else None)
         if not resume:
             self.logger.text("config", "```yaml\n" + OmegaConf.to_yaml(cfg) + "\n```")
 

@@ -30,7 +30,8 @@ def make_env(env_cfg: DictConfig, render_mode: str | None = None) -> gym.Env:
     if not isinstance(env.action_space, gym.spaces.Box):
         raise ConfigError(f"env.id='{env_cfg.id}' has a {type(env.action_space).__name__} action space; "
                           "latentrl agents need continuous (Box) actions")
-    env = gym.wrappers.RescaleAction(env, -1.0, 1.0)
+    ones = np.ones(env.action_space.shape, dtype=np.float32)
+    env = gym.wrappers.RescaleAction(env, -ones, ones)
     if env_cfg.pixels:
         shape = env.observation_space.shape
         if len(shape) != 3:

@@ -1,0 +1,498 @@
+"""Latent goal-conditioned hierarchical RL (seed: latent_goal_hrl.md).
+
+Two SAC levels share one observation encoder:
+
+- a **goal encoder** E(s) = tanh(LN(W h(s))) on top of the encoder trunk h(s), trained by
+  reconstruction (RIG-style autoencoder: MLP decoder for vectors, deconv decoder for pixels) and
+  by the prediction loss of the goal transition model; an EMA copy of it gives rewards, HER goals
+  and model targets so they do not chase themselves;
+- a **low level** pi(a|s,g), Q(s,a,g) (SACCore over [h(s), g]) rewarded for reaching the goal:
+  r = -||E(s')-g||^2 / d, cos(E(s'), g) (Director), or an InfoNCE critic's log-score; trained on
+  replay with HER "future" relabeling (goals = EMA encodings of later observations, at sample time);
+- a **goal transition model** f(g_t, h_t, a_t) -> (g_{t+1}, h_{t+1}): its error shapes the latent
+  space (auxiliary loss) and it plans: the high level proposes candidates, f rolls each out k steps
+  under the low-level policy, and the one predicted most reachable (traded off against Q_high) wins;
+- a **high level** (SACCore over h(s), squashed actions u in [-1,1]^d) choosing a goal every k
+  steps, trained on the extrinsic reward summed over the window, with HAC's hindsight action
+  relabeling (the goal actually reached replaces the proposed one) so its off-policy data stays
+  valid while the low level changes. Goals are relative by default, as in HIRO:
+  g = clip(E(s) + goal_scale * u, -1, 1), so even an untrained, high-entropy manager proposes goals
+  near the states the low level can reach (absolute goals g = u are the alternative).
+
+One update() computes every loss that touches the encoder on the same batch and takes one
+backward pass: on a CPU the encoder forward is the cost that matters.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from latentrl.agents.base import Agent
+from latentrl.agents.networks import mlp, random_shift, soft_update
+from latentrl.agents.sac import SACCore
+from latentrl.buffers import ReplayBuffer
+from latentrl.config import ConfigError
+
+REWARDS = ("distance", "cosine", "contrastive")
+CORRECTIONS = ("hac", "none")
+GOAL_SPACES = ("relative", "absolute")
+
+
+# ----------------------------------------------------------------------------- goal-reaching rewards
+def goal_distance(achieved: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance per goal dimension (the seed's ||E(s)-g||^2 divided by d, so reward
+    scale and the success threshold do not depend on goal_dim)."""
+    return (achieved - goal).pow(2).mean(-1)
+
+
+def distance_reward(achieved: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+    return -goal_distance(achieved, goal)
+
+
+def cosine_reward(achieved: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+    """Director's worker reward: direction matters, scale does not."""
+    return F.cosine_similarity(achieved, goal, dim=-1, eps=1e-6)
+
+
+class ContrastiveReward(nn.Module):
+    """InfoNCE critic over (achieved, goal) latents: score = <phi(z), psi(g)> / temperature.
+    Positives are (E(s_{t+1}), E(s_{t+j})) pairs of the same episode, negatives the other goals of the
+    batch, so the score learns temporal reachability (contrastive RL). The reward of a pair is its
+    log-probability of being the match among the batch's goals, plus log B (0 = chance level)."""
+
+    def __init__(self, goal_dim: int, hidden_dims=(256,), embed_dim: int = 64, temperature: float = 0.1):
+        super().__init__()
+        self.phi = mlp(goal_dim, hidden_dims, embed_dim)
+        self.psi = mlp(goal_dim, hidden_dims, embed_dim)
+        self.temperature = temperature
+
+    def logits(self, achieved: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        a, g = F.normalize(self.phi(achieved), dim=-1), F.normalize(self.psi(goal), dim=-1)
+        return a @ g.T / self.temperature  # (B achieved, B goals)
+
+    def loss(self, achieved: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.logits(achieved, goal), torch.arange(len(goal), device=goal.device))
+
+    def reward(self, achieved: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        logp = F.log_softmax(self.logits(achieved, goal), dim=1).diagonal()
+        return logp + math.log(len(goal))
+
+
+# ----------------------------------------------------------------------------- networks
+class GoalEncoder(nn.Module):
+    """Encoder trunk h(s) (from the `encoder` config group) plus a tanh-bounded goal head g = E(s)."""
+
+    def __init__(self, trunk: nn.Module, goal_dim: int):
+        super().__init__()
+        self.trunk = trunk
+        self.head = nn.Sequential(nn.Linear(trunk.out_dim, goal_dim), nn.LayerNorm(goal_dim), nn.Tanh())
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.trunk(obs)
+        return h, self.head(h)
+
+
+class PixelDecoder(nn.Module):
+    """g -> image: a linear map to a (C0, s, s) grid, three stride-2 transposed convs (x8), resized
+    to the frame size. Output is in the encoder's input scale (pixels / 255 - 0.5)."""
+
+    def __init__(self, goal_dim: int, obs_shape: tuple, channels=(128, 64, 32)):
+        super().__init__()
+        c, self.h, self.w = obs_shape
+        self.s = max(1, math.ceil(max(self.h, self.w) / 8))
+        self.c0 = channels[0]
+        self.fc = nn.Linear(goal_dim, channels[0] * self.s * self.s)
+        layers, in_ch = [], channels[0]
+        for out_ch in (*channels[1:], c):
+            layers += [nn.ReLU(), nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1)]
+            in_ch = out_ch
+        self.deconvs = nn.Sequential(*layers)
+
+    def forward(self, g: torch.Tensor) -> torch.Tensor:
+        x = self.deconvs(self.fc(g).view(-1, self.c0, self.s, self.s))
+        return F.interpolate(x, size=(self.h, self.w), mode="bilinear", align_corners=False)
+
+
+class VectorDecoder(nn.Module):
+    def __init__(self, goal_dim: int, obs_shape: tuple, hidden_dims=(256, 256)):
+        super().__init__()
+        self.net = mlp(goal_dim, hidden_dims, int(np.prod(obs_shape)))
+
+    def forward(self, g: torch.Tensor) -> torch.Tensor:
+        return self.net(g)
+
+
+class GoalTransitionModel(nn.Module):
+    """f(g_t, h_t, a_t) -> (g_{t+1}, h_{t+1}) as residuals. The seed's f predicts g_{t+1} from
+    (g_t, s_t, a_t); predicting the next state features h too is what lets it roll out k steps in
+    latent space under the low-level policy pi(a | h, g) without seeing observations."""
+
+    def __init__(self, goal_dim: int, feat_dim: int, action_dim: int, hidden_dims=(256, 256)):
+        super().__init__()
+        self.goal_dim = goal_dim
+        self.net = mlp(goal_dim + feat_dim + action_dim, hidden_dims, goal_dim + feat_dim)
+
+    def forward(self, g: torch.Tensor, h: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dg, dh = self.net(torch.cat([g, h, a], -1)).split([self.goal_dim, h.shape[-1]], -1)
+        return g + dg, h + dh
+
+
+def _prefixed(metrics: dict, level: str) -> dict:
+    """'loss/critic' -> 'loss/low_critic': SACCore's metric names, one namespace per level."""
+    return {k.replace("/", f"/{level}_", 1): v for k, v in metrics.items()}
+
+
+def _zscore(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean()) / (x.std() + 1e-6) if len(x) > 1 else torch.zeros_like(x)
+
+
+# ----------------------------------------------------------------------------- the agent
+class GoalHRL(Agent):
+    def __init__(self, encoder: nn.Module, obs_space: gym.spaces.Box, action_space: gym.spaces.Box,
+                 device: str = "cpu", seed: int = 0, goal_dim: int = 64, k: int = 10, reward: str = "distance",
+                 lr: float = 3e-4, batch_size: int = 256, buffer_size: int = 1_000_000, encoder_tau: float = 0.01,
+                 augment_pad: int = 4, actor_update_every: int = 1, success_threshold: float = 0.01,
+                 low=None, high=None, model=None, decoder=None, contrastive=None, planning=None):
+        super().__init__(action_space, device, seed)
+        low, high, model = dict(low or {}), dict(high or {}), dict(model or {})
+        decoder, contrastive, planning = dict(decoder or {}), dict(contrastive or {}), dict(planning or {})
+        self._validate(goal_dim, k, reward, low, high, planning)
+        self.goal_dim, self.k, self.reward_type = int(goal_dim), int(k), reward
+        self.batch_size, self.actor_update_every = int(batch_size), int(actor_update_every)
+        self.encoder_tau, self.success_threshold = float(encoder_tau), float(success_threshold)
+        self.is_pixel = bool(getattr(encoder, "is_pixel", False))
+        self.augment_pad = int(augment_pad) if self.is_pixel else 0
+        self.obs_shape = tuple(obs_space.shape)
+        feat_dim, d, n_act = encoder.out_dim, self.goal_dim, self.action_dim
+
+        # goal encoder, its EMA copy, decoder, goal transition model, optional contrastive critic
+        self.goal_encoder = GoalEncoder(encoder, d)
+        self.goal_encoder_target = copy.deepcopy(self.goal_encoder).requires_grad_(False)
+        self.decoder = (PixelDecoder(d, self.obs_shape, tuple(decoder.get("channels", (128, 64, 32)))) if self.is_pixel
+                        else VectorDecoder(d, self.obs_shape, tuple(decoder.get("hidden_dims", (256, 256)))))
+        self.recon_weight = float(decoder.get("weight", 1.0))
+        self.recon_batch = decoder.get("batch_size") or self.batch_size
+        self.f = GoalTransitionModel(d, feat_dim, n_act, tuple(model.get("hidden_dims", (256, 256))))
+        self.f_weight = float(model.get("aux_weight", 1.0))
+        self.contrastive = (ContrastiveReward(d, tuple(contrastive.get("hidden_dims", (256,))),
+                                              int(contrastive.get("embed_dim", 64)),
+                                              float(contrastive.get("temperature", 0.1)))
+                            if reward == "contrastive" else None)
+        model_params = [*self.goal_encoder.parameters(), *self.decoder.parameters(), *self.f.parameters()]
+        if self.contrastive is not None:
+            model_params += list(self.contrastive.parameters())
+        self.model_opt = torch.optim.Adam(model_params, lr=float(model.get("lr", lr)))
+
+        # the two SAC levels; the encoder is in neither critic optimizer: model_opt steps it once per
+        # update with the gradients of both critics, reconstruction and f summed
+        def sac_core(cfg: dict, in_dim: int, out_dim: int) -> SACCore:
+            return SACCore(in_dim, out_dim, tuple(cfg.get("hidden_dims", (256, 256))), float(cfg.get("lr", lr)),
+                           float(cfg.get("gamma", 0.99)), float(cfg.get("tau", 0.005)),
+                           float(cfg.get("init_temperature", 0.1)), cfg.get("target_entropy"))
+
+        self.low = sac_core(low, feat_dim + d, n_act)
+        self.low_relabel = float(low.get("relabel_fraction", 0.5))
+        self.low_extrinsic = float(low.get("extrinsic_weight", 0.0))
+        self.low_reward_scale = float(low.get("reward_scale", 1.0))
+        self.high = sac_core(high, feat_dim, d)
+        self.high_correction = high.get("correction", "hac")
+        self.high_relabel = float(high.get("relabel_fraction", 1.0)) if self.high_correction == "hac" else 0.0
+        self.high_reward_scale = float(high.get("reward_scale", 1.0))
+        self.high_batch = int(high.get("batch_size", self.batch_size))
+        self.high_update_every = int(high.get("update_every", 1))
+        self.high_trains_encoder = bool(high.get("critic_trains_encoder", True))
+        self.relative_goals = high.get("goal_space", "relative") == "relative"
+        self.goal_scale = float(high.get("goal_scale", 0.5))
+        self.optimizers = {**self.low.optimizers("low_"), **self.high.optimizers("high_"), "model": self.model_opt}
+
+        self.n_candidates = int(planning.get("candidates", 8))
+        self.plan_q_weight = float(planning.get("q_weight", 1.0))
+
+        # replay: low level stores every step with the goal it pursued; the high level stores one
+        # transition per k-step window (start obs, goal, summed reward, window length)
+        self.replay = ReplayBuffer(buffer_size, obs_space.shape, obs_space.dtype, n_act, seed=seed,
+                                   extras={"goal": ((d,), np.float32)})
+        self.high_replay = ReplayBuffer(max(2, buffer_size // self.k + 2), obs_space.shape, obs_space.dtype, d,
+                                        seed=seed + 1, extras={"steps": ((), np.int64)})
+
+        # acting state, kept apart for training (explore=True) and evaluation episodes
+        self.state = {True: {"goal": None, "action": None, "t": 0}, False: {"goal": None, "action": None, "t": 0}}
+        self.pending: dict | None = None  # the open high-level window of the training episode
+        self.env_stats: dict[str, list[float]] = {}  # env-time goal/ metrics, emitted by the next update()
+        self.num_updates = 0
+        self.to(self.device)
+
+    @staticmethod
+    def _validate(goal_dim, k, reward, low, high, planning) -> None:
+        if reward not in REWARDS:
+            raise ConfigError(f"agent.reward={reward!r} is unknown: set agent.reward to one of {', '.join(REWARDS)}")
+        if int(k) < 1:
+            raise ConfigError(f"agent.k must be >= 1 (env steps per high-level goal), got {k}")
+        if int(goal_dim) < 1:
+            raise ConfigError(f"agent.goal_dim must be >= 1, got {goal_dim}")
+        correction = high.get("correction", "hac")
+        if correction not in CORRECTIONS:
+            raise ConfigError(f"agent.high.correction={correction!r} is unknown: set it to one of {', '.join(CORRECTIONS)}")
+        goal_space = high.get("goal_space", "relative")
+        if goal_space not in GOAL_SPACES:
+            raise ConfigError(f"agent.high.goal_space={goal_space!r} is unknown: set it to one of {', '.join(GOAL_SPACES)}")
+        for key, value in (("low.relabel_fraction", low.get("relabel_fraction", 0.5)),
+                           ("high.relabel_fraction", high.get("relabel_fraction", 1.0))):
+            if not 0.0 <= float(value) <= 1.0:
+                raise ConfigError(f"agent.{key} must be in [0, 1], got {value}")
+        if int(planning.get("candidates", 8)) < 0:
+            raise ConfigError(f"agent.planning.candidates must be >= 0 (0 turns planning off), "
+                              f"got {planning.get('candidates')}")
+
+    # ------------------------------------------------------------------ encoding helpers
+    def _augment(self, obs: torch.Tensor) -> torch.Tensor:
+        return random_shift(obs, self.augment_pad) if self.augment_pad else obs
+
+    @torch.no_grad()
+    def target_goals(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, g) of the EMA goal encoder: rewards, HER goals, model targets."""
+        return self.goal_encoder_target(obs)
+
+    def goal_from_action(self, g_start: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """High-level action u in [-1,1]^d -> the goal the low level pursues."""
+        return (g_start + self.goal_scale * u).clamp(-1.0, 1.0) if self.relative_goals else u
+
+    def action_from_goal(self, g_start: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        """Inverse of goal_from_action (clipped): the action that would have proposed `goal` (HAC relabeling)."""
+        return ((goal - g_start) / self.goal_scale).clamp(-1.0, 1.0) if self.relative_goals else goal
+
+    # ------------------------------------------------------------------ acting
+    def begin_episode(self, explore: bool) -> None:
+        self.state[explore] = {"goal": None, "action": None, "t": 0}
+        if explore:
+            self.pending = None
+
+    def _new_window(self, explore: bool) -> bool:
+        s = self.state[explore]
+        return s["goal"] is None or s["t"] >= self.k
+
+    def act_random(self, obs: np.ndarray) -> np.ndarray:
+        """Warm-up: uniform goals every k steps (so windows, the high-level buffer and HER goals fill
+        as they will later), uniform actions."""
+        s = self.state[True]
+        if self._new_window(True):
+            u = torch.as_tensor(self.np_rng.uniform(-1.0, 1.0, (1, self.goal_dim)).astype(np.float32), device=self.device)
+            goal = self.goal_from_action(self.target_goals(self.obs_tensor(obs))[1], u)
+            s["action"], s["goal"], s["t"] = u[0].cpu().numpy(), goal[0].cpu().numpy(), 0
+        s["t"] += 1
+        return self.np_rng.uniform(-1.0, 1.0, self.action_dim).astype(np.float32)
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, explore: bool) -> np.ndarray:
+        s = self.state[explore]
+        h, g = self.goal_encoder(self.obs_tensor(obs))
+        if self._new_window(explore):
+            u, goal = self.choose_goal(h, g, self.target_goals(self.obs_tensor(obs))[1], explore)
+            s["action"], s["goal"], s["t"] = u[0].cpu().numpy(), goal[0].cpu().numpy(), 0
+        s["t"] += 1
+        goal = torch.as_tensor(s["goal"], device=self.device).unsqueeze(0)
+        return self.low.act(torch.cat([h, goal], -1), explore)[0].cpu().numpy()
+
+    @torch.no_grad()
+    def plan_distances(self, h: torch.Tensor, g: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Predicted distance to each candidate goal after k steps of the (deterministic) low-level
+        policy, rolled out by f in latent space from one state (h, g: batch of one)."""
+        n = len(candidates)
+        h, g = h.expand(n, -1), g.expand(n, -1)
+        for _ in range(self.k):
+            a = self.low.act(torch.cat([h, candidates], -1), explore=False)
+            g, h = self.f(g, h, a)
+        return goal_distance(g, candidates)
+
+    @torch.no_grad()
+    def choose_goal(self, h: torch.Tensor, g: torch.Tensor, g_target: torch.Tensor,
+                    explore: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(high-level action, goal) for the next k steps from h, g (online encoder) and g_target
+        (EMA encoder: relative goals are offsets from it). With planning, the actor proposes
+        candidates (evaluation: its mean first, then samples) and the one f predicts most reachable
+        wins, traded off against Q_high; both terms are z-scored across candidates so neither scale rules."""
+        if self.n_candidates == 0:
+            u = self.high.act(h, explore)
+            return u, self.goal_from_action(g_target, u)
+        hs = h.expand(self.n_candidates, -1)
+        actions = self.high.actor(hs, with_log_prob=False)[0]
+        if not explore:
+            actions[0] = self.high.act(h, explore=False)[0]
+        candidates = self.goal_from_action(g_target, actions)
+        dist = self.plan_distances(h, g, candidates)
+        score = -_zscore(dist)
+        if self.plan_q_weight:
+            score = score + self.plan_q_weight * _zscore(self.high.critic(hs, actions).min(0).values)
+        best = int(score.argmax())
+        if explore:
+            self._stat("goal/plan_dist_chosen", dist[best])
+            self._stat("goal/plan_dist_first", dist[0])
+            self._stat("goal/plan_gain", dist[0] - dist[best])
+        return actions[best:best + 1], candidates[best:best + 1]
+
+    def _stat(self, key: str, value) -> None:
+        self.env_stats.setdefault(key, []).append(float(value))
+
+    # ------------------------------------------------------------------ storing
+    def observe(self, obs, action, reward, next_obs, terminated, truncated) -> None:
+        s = self.state[True]
+        self.replay.add(obs, action, reward, next_obs, terminated, truncated, goal=s["goal"])
+        if self.pending is None:
+            self.pending = {"obs": np.asarray(obs), "goal": s["goal"], "action": s["action"], "reward": 0.0, "steps": 0}
+        self.pending["reward"] += float(reward)
+        self.pending["steps"] += 1
+        if self.pending["steps"] >= self.k or terminated or truncated:
+            self._close_window(next_obs, terminated, truncated)
+
+    def _close_window(self, next_obs, terminated: bool, truncated: bool) -> None:
+        """One high-level transition: the rewards of exactly the steps this window covered; an episode
+        end closes it early (terminated: no bootstrap; truncated: bootstrap from next_obs)."""
+        p = self.pending
+        self.high_replay.add(p["obs"], p["action"], p["reward"], next_obs, terminated, truncated, steps=p["steps"])
+        with torch.no_grad():
+            achieved = self.target_goals(self.obs_tensor(next_obs))[1][0]
+            dist = float(goal_distance(achieved, torch.as_tensor(p["goal"], device=self.device)))
+        self._stat("goal/window_distance", dist)
+        self._stat("goal/success_rate", float(dist < self.success_threshold))
+        self.pending = None
+        self.state[True]["t"] = self.k  # the next act() starts a new window
+
+    def buffers(self) -> dict[str, ReplayBuffer]:
+        return {"replay": self.replay, "high_replay": self.high_replay}
+
+    # ------------------------------------------------------------------ learning
+    def goal_reward(self, achieved: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        if self.reward_type == "distance":
+            return distance_reward(achieved, goal)
+        if self.reward_type == "cosine":
+            return cosine_reward(achieved, goal)
+        with torch.no_grad():
+            return self.contrastive.reward(achieved, goal)
+
+    def sample_low(self) -> dict:
+        """A low-level batch with HER "future" goals: a `low.relabel_fraction` share of the stored
+        goals is replaced by the EMA encoding of a later observation of the same episode."""
+        b = self.replay.sample(self.batch_size, self.device)
+        future = self.replay.sample_future(b["idx"])
+        b["future_idx"] = future
+        b["relabeled"] = torch.as_tensor(self.np_rng.random(self.batch_size) < self.low_relabel, device=self.device)
+        # encode only the future observations a loss needs (all of them for the contrastive critic)
+        rows = np.arange(self.batch_size) if self.contrastive is not None else np.flatnonzero(b["relabeled"].cpu().numpy())
+        if len(rows):
+            future_goal = self.target_goals(torch.as_tensor(self.replay.obs[future[rows]], device=self.device))[1]
+            b["future_goal"] = torch.zeros_like(b["goal"]).index_copy_(0, torch.as_tensor(rows, device=self.device),
+                                                                        future_goal)
+            b["goal"] = torch.where(b["relabeled"].unsqueeze(-1), b["future_goal"], b["goal"])
+        return b
+
+    def update(self, step: int) -> dict:
+        metrics: dict = {}
+        for key, values in self.env_stats.items():
+            metrics[key] = float(np.mean(values))
+        self.env_stats = {}
+
+        # ---- low level + goal encoder + f + decoder, one batch
+        b = self.sample_low()
+        obs_in = self._augment(b["obs"])
+        h, g = self.goal_encoder(obs_in)
+        h_next_t, g_next_t = self.target_goals(b["next_obs"])
+        goal = b["goal"]
+        reward = self.low_reward_scale * self.goal_reward(g_next_t, goal) + self.low_extrinsic * b["reward"]
+        low_loss, low_info = self.low.critic_loss(torch.cat([h, goal], -1), b["action"], reward,
+                                                  torch.cat([h_next_t, goal], -1),
+                                                  self.low.gamma * (1.0 - b["terminated"]))
+        g_pred, h_pred = self.f(g, h, b["action"])
+        f_error = F.mse_loss(g_pred, g_next_t)
+        f_loss = f_error + F.mse_loss(h_pred, h_next_t)
+        nr = min(self.recon_batch, len(g))
+        recon_target = obs_in[:nr].float() / 255.0 - 0.5 if self.is_pixel else obs_in[:nr].flatten(1).float()
+        recon_loss = F.mse_loss(self.decoder(g[:nr]), recon_target)
+        total = low_loss + self.f_weight * f_loss + self.recon_weight * recon_loss
+        if self.contrastive is not None:
+            nce_loss = self.contrastive.loss(g_next_t, b["future_goal"])
+            total = total + nce_loss
+            metrics["loss/contrastive"] = nce_loss.detach()
+
+        # ---- high level (shares the encoder; its critic may train it too)
+        do_high = self.num_updates % self.high_update_every == 0 and len(self.high_replay) > 0
+        if do_high:
+            hb = self.high_replay.sample(self.high_batch, self.device)
+            h_hi = self.goal_encoder.trunk(self._augment(hb["obs"]))
+            if not self.high_trains_encoder:
+                h_hi = h_hi.detach()
+            h_hi_next_t, achieved = self.target_goals(hb["next_obs"])
+            relabel = torch.as_tensor(self.np_rng.random(len(achieved)) < self.high_relabel, device=self.device)
+            if self.high_relabel > 0:  # HAC hindsight action: the action that proposes the goal actually reached
+                start = self.target_goals(hb["obs"])[1] if self.relative_goals else None
+                hindsight = self.action_from_goal(start, achieved)
+                high_action = torch.where(relabel.unsqueeze(-1), hindsight, hb["action"])
+            else:
+                high_action = hb["action"]
+            discount = self.high.gamma ** (hb["steps"].float() / self.k) * (1.0 - hb["terminated"])
+            high_loss, high_info = self.high.critic_loss(h_hi, high_action, self.high_reward_scale * hb["reward"],
+                                                         h_hi_next_t, discount)
+            total = total + high_loss
+            metrics.update({"loss/high_critic": high_loss.detach(), "train/high_q_mean": high_info["q_mean"]})
+
+        for opt in (self.low.critic_opt, self.high.critic_opt, self.model_opt):
+            opt.zero_grad(set_to_none=True)
+        total.backward()
+        self.low.critic_opt.step()
+        if do_high:
+            self.high.critic_opt.step()
+        self.model_opt.step()
+
+        if self.num_updates % self.actor_update_every == 0:
+            metrics.update(_prefixed(self.low.update_actor_and_alpha(torch.cat([h.detach(), goal], -1)), "low"))
+            if do_high:
+                metrics.update(_prefixed(self.high.update_actor_and_alpha(h_hi.detach()), "high"))
+        self.low.update_target()
+        if do_high:
+            self.high.update_target()
+        soft_update(self.goal_encoder_target, self.goal_encoder, self.encoder_tau)
+        self.num_updates += 1
+
+        metrics.update({
+            "loss/low_critic": low_loss.detach(), "train/low_q_mean": low_info["q_mean"],
+            "loss/goal_f": f_loss.detach(), "goal/f_error": f_error.detach(), "loss/recon": recon_loss.detach(),
+            "goal/low_reward": reward.mean().detach(), "goal/relabeled_fraction": b["relabeled"].float().mean(),
+            "goal/replay_distance": goal_distance(g_next_t, b["goal"]).mean(),
+        })
+        return metrics
+
+    # ------------------------------------------------------------------ observability
+    @torch.no_grad()
+    def images(self) -> dict[str, np.ndarray]:
+        """Last stored frame beside its reconstruction through E and the decoder (pixel envs)."""
+        if not self.is_pixel or self.replay.size == 0:
+            return {}
+        obs = torch.as_tensor(self.replay.obs[(self.replay.ptr - 1) % self.replay.capacity], device=self.device)
+        recon = ((self.decoder(self.goal_encoder(obs.unsqueeze(0))[1])[0] + 0.5).clamp(0, 1) * 255).to(torch.uint8)
+        ch = 3 if obs.shape[0] % 3 == 0 else 1  # last RGB frame, or last grayscale frame, of a stack
+        pair = torch.cat([obs[-ch:].to(torch.uint8), recon[-ch:]], dim=-1)
+        return {"goal/reconstruction": pair.cpu().numpy()}
+
+    # ------------------------------------------------------------------ checkpointing
+    def extra_state(self) -> dict:
+        def tensors(d):  # numpy arrays -> tensors (weights_only loading refuses numpy)
+            return {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in d.items()}
+
+        pending = None if self.pending is None else tensors(self.pending)
+        return {"num_updates": self.num_updates, "state": tensors(self.state[True]), "pending": pending,
+                "env_stats": {k: list(v) for k, v in self.env_stats.items()}}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.num_updates = state["num_updates"]
+        def arrays(d):
+            return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+
+        self.state[True] = arrays(state["state"])
+        self.pending = None if state["pending"] is None else arrays(state["pending"])
+        self.env_stats = {k: list(v) for k, v in state["env_stats"].items()}

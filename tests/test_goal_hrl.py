@@ -1,0 +1,247 @@
+"""agent=goal_hrl: rewards, HER relabeling, high-level windows, planning, smoke runs, exact resume, learning."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+
+from conftest import TINY, compose_cfg, train_run
+from latentrl.agents.goal_hrl import ContrastiveReward, cosine_reward, distance_reward
+from latentrl.config import ConfigError
+from latentrl.envs import make_env
+
+BAD_CONFIG = (ConfigError, InstantiationException)  # hydra wraps the agent's ConfigError, message kept
+FAST = ["agent.batch_size=32", "agent.high.batch_size=16", "agent.low.hidden_dims=[64,64]",
+        "agent.high.hidden_dims=[64,64]", "agent.model.hidden_dims=[64,64]", "agent.decoder.hidden_dims=[64]",
+        "agent.goal_dim=16", "agent.buffer_size=5000"]
+
+
+def build_agent(*overrides, env="pendulum"):
+    cfg = compose_cfg(["agent=goal_hrl", f"env={env}", *FAST, *overrides])
+    env = make_env(cfg.env)
+    encoder = instantiate(cfg.encoder, obs_space=env.observation_space)
+    agent = instantiate(cfg.agent, encoder=encoder, obs_space=env.observation_space, action_space=env.action_space,
+                        device="cpu", seed=0, _recursive_=False)
+    return agent, env
+
+
+def collect(agent, env, steps, random=True, seed=0):
+    """Drive the agent like the trainer does; returns the per-episode lists of observations."""
+    episodes, obs = [], env.reset(seed=seed)[0]
+    agent.begin_episode(True)
+    episodes.append([obs])
+    for _ in range(steps):
+        action = agent.act_random(obs) if random else agent.act(obs, explore=True)
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        agent.observe(obs, action, float(reward), next_obs, terminated, truncated)
+        episodes[-1].append(next_obs)
+        obs = next_obs
+        if terminated or truncated:
+            obs = env.reset()[0]
+            agent.begin_episode(True)
+            episodes.append([obs])
+    return episodes
+
+
+# ----------------------------------------------------------------------------- units
+def test_distance_and_cosine_rewards():
+    achieved = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    goal = torch.tensor([[1.0, 0.0], [0.0, -2.0]])
+    assert torch.allclose(distance_reward(achieved, goal), torch.tensor([0.0, -8.0]))  # -||.||^2 / d
+    assert torch.allclose(cosine_reward(achieved, goal), torch.tensor([1.0, -1.0]))
+
+
+def test_contrastive_reward_learns_to_score_matching_pairs():
+    torch.manual_seed(0)
+    critic = ContrastiveReward(goal_dim=4, hidden_dims=(32,), embed_dim=8, temperature=0.1)
+    goals = torch.randn(16, 4)
+    achieved = goals + 0.05 * torch.randn(16, 4)
+    r0 = critic.reward(achieved, goals)
+    expected = torch.log_softmax(critic.logits(achieved, goals), 1).diagonal() + math.log(16)
+    assert torch.allclose(r0, expected)
+    opt = torch.optim.Adam(critic.parameters(), lr=1e-2)
+    for _ in range(100):
+        loss = critic.loss(achieved, goals)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        matched = critic.reward(achieved, goals).mean()
+        shuffled = critic.reward(achieved, goals.roll(1, 0)).mean()
+    assert matched > math.log(16) - 0.5 and matched > shuffled + 2.0
+
+
+def test_unknown_config_values_name_the_allowed_ones():
+    with pytest.raises(BAD_CONFIG, match="distance, cosine, contrastive"):
+        build_agent("agent.reward=euclid")
+    with pytest.raises(BAD_CONFIG, match="hac, none"):
+        build_agent("agent.high.correction=hiro2")
+    with pytest.raises(BAD_CONFIG, match="relative, absolute"):
+        build_agent("agent.high.goal_space=polar")
+    with pytest.raises(BAD_CONFIG, match="relabel_fraction"):
+        build_agent("agent.low.relabel_fraction=1.5")
+    with pytest.raises(BAD_CONFIG, match="candidates"):
+        build_agent("agent.planning.candidates=-1")
+
+
+def test_her_goals_are_target_encodings_of_later_observations_of_the_same_episode():
+    agent, env = build_agent("agent.low.relabel_fraction=1.0", "env.max_episode_steps=30")
+    collect(agent, env, 100)
+    b = agent.sample_low()
+    idx, future = b["idx"], b["future_idx"]
+    assert b["relabeled"].all()
+    assert (agent.replay.episode[future] == agent.replay.episode[idx]).all()
+    assert ((future - idx) % agent.replay.capacity >= 1).all()
+    expected = agent.target_goals(torch.as_tensor(agent.replay.obs[future]))[1]
+    assert torch.allclose(b["goal"], expected)
+    # with relabeling off, the stored (pursued) goals come back unchanged
+    agent.low_relabel = 0.0
+    b = agent.sample_low()
+    assert torch.equal(b["goal"], torch.as_tensor(agent.replay.extras["goal"][b["idx"]]))
+
+
+class ScriptedEnv:
+    """Rewards 1, 2, 3, ...; ends after `length` steps, terminated or truncated."""
+
+    def __init__(self, length, terminated):
+        self.length, self.terminated, self.t = length, terminated, 0
+
+    def reset(self, seed=None):
+        self.t = 0
+        return np.zeros(3, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        done = self.t >= self.length
+        return np.full(3, self.t, np.float32), float(self.t), done and self.terminated, done and not self.terminated, {}
+
+
+def test_high_level_window_sums_its_k_rewards_and_stops_at_episode_end():
+    agent, _ = build_agent("agent.k=3")
+    collect(agent, ScriptedEnv(7, terminated=True), 7)
+    collect(agent, ScriptedEnv(4, terminated=False), 4)
+    hr = agent.high_replay
+    slots = np.flatnonzero(hr.valid[:hr.size])
+    assert hr.reward[slots].tolist() == [1 + 2 + 3, 4 + 5 + 6, 7, 1 + 2 + 3, 4]
+    assert hr.extras["steps"][slots].tolist() == [3, 3, 1, 3, 1]
+    assert hr.terminated[slots].tolist() == [False, False, True, False, False]  # truncation bootstraps
+    # next observations are the window ends, and each window carries the goal pursued during it
+    assert [hr.obs[(s + 1) % hr.capacity][0] for s in slots] == [3, 6, 7, 3, 4]
+    low_goals = agent.replay.extras["goal"][np.flatnonzero(agent.replay.valid[:agent.replay.size])]
+    start = agent.target_goals(torch.as_tensor(hr.obs[slots[:1]]))[1]
+    assert torch.allclose(agent.goal_from_action(start, torch.as_tensor(hr.action[slots[:1]]))[0],
+                          torch.as_tensor(low_goals[0]))  # the high-level action is the goal pursued
+    assert np.array_equal(low_goals[0], low_goals[2])
+    assert not np.array_equal(low_goals[2], low_goals[3])  # a new goal every k steps
+    assert agent.pending is None
+
+
+def test_planning_picks_the_candidate_f_predicts_most_reachable(monkeypatch):
+    agent, env = build_agent("agent.planning.candidates=6", "agent.planning.q_weight=0")
+    obs = agent.obs_tensor(env.reset(seed=0)[0])
+    h, g = agent.goal_encoder(obs)
+    seen = {}
+    real = agent.plan_distances
+
+    def spy(h_, g_, candidates):
+        seen["candidates"], seen["dist"] = candidates.clone(), real(h_, g_, candidates)
+        return seen["dist"]
+
+    monkeypatch.setattr(agent, "plan_distances", spy)
+    with torch.no_grad():
+        _, chosen = agent.choose_goal(h, g, agent.target_goals(obs)[1], explore=True)
+    best = int(seen["dist"].argmin())
+    assert torch.equal(chosen[0], seen["candidates"][best])
+    # and the distances are f's k-step latent rollout under the deterministic low-level policy
+    cand = seen["candidates"]
+    hh, gg = h.expand(len(cand), -1), g.expand(len(cand), -1)
+    with torch.no_grad():
+        for _ in range(agent.k):
+            a = agent.low.actor(torch.cat([hh, cand], -1), deterministic=True)[0]
+            gg, hh = agent.f(gg, hh, a)
+    assert torch.allclose(seen["dist"], (gg - cand).pow(2).mean(-1))
+    assert agent.env_stats["goal/plan_gain"][0] >= 0
+
+
+def test_evaluation_does_not_disturb_the_training_window():
+    agent, env = build_agent()
+    collect(agent, env, 15)
+    before = ({k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in agent.state[True].items()},
+              dict(agent.pending))
+    agent.begin_episode(explore=False)
+    obs = make_env(compose_cfg(["env=pendulum"]).env).reset(seed=1)[0]
+    for _ in range(25):
+        agent.act(obs, explore=False)
+    assert np.array_equal(agent.state[True]["goal"], before[0]["goal"]) and agent.state[True]["t"] == before[0]["t"]
+    assert agent.pending["steps"] == before[1]["steps"]
+
+
+# ----------------------------------------------------------------------------- runs
+def _metrics(run_dir):
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+@pytest.mark.parametrize("reward", ["distance", "contrastive"])
+def test_smoke_pendulum(tmp_path, reward):
+    ret = train_run(["agent=goal_hrl", "env=pendulum", *FAST, f"agent.reward={reward}", *TINY], tmp_path)
+    assert np.isfinite(ret)
+    keys = set().union(*_metrics(tmp_path))
+    for key in ["goal/window_distance", "goal/success_rate", "goal/f_error", "goal/plan_gain", "loss/low_critic",
+                "loss/high_critic", "loss/goal_f", "loss/recon", "train/low_alpha", "train/high_alpha"]:
+        assert key in keys, key
+
+
+def test_smoke_carracing_pixels(tmp_path):
+    ret = train_run(["agent=goal_hrl", "env=carracing", "env.resize=32", "env.action_repeat=4", *FAST,
+                     "agent.decoder.batch_size=8", "trainer.total_steps=120", "trainer.warmup_steps=60",
+                     "trainer.eval_every=0", "trainer.eval_episodes=1", "env.max_episode_steps=200",
+                     "trainer.checkpoint_every=0", "trainer.log_every=30", "trainer.progress=false"], tmp_path)
+    assert np.isfinite(ret)
+    assert "goal/f_error" in set().union(*_metrics(tmp_path))
+
+
+def test_pixel_reconstruction_image():
+    agent, env = build_agent("env.resize=32", "env.frame_stack=2", "env.grayscale=true", env="carracing")
+    collect(agent, env, 20)
+    agent.update(0)
+    img = agent.images()["goal/reconstruction"]
+    assert img.shape == (1, 32, 64) and img.dtype == np.uint8
+
+
+def _same_extra(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_extra(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b
+
+
+def test_resume_is_exact(tmp_path):
+    exact = ["agent=goal_hrl", "env=pendulum", *FAST, "agent.k=7", "trainer.warmup_steps=60", "trainer.eval_every=0",
+             "trainer.eval_episodes=1", "trainer.log_every=50", "trainer.checkpoint_every=0", "trainer.progress=false"]
+    train_run([*exact, "trainer.total_steps=300"], tmp_path / "straight")
+    train_run([*exact, "trainer.total_steps=145"], tmp_path / "split")  # mid-episode, mid-window
+    train_run([f"resume={tmp_path / 'split'}", "trainer.total_steps=300"], tmp_path / "unused")
+    load = lambda d, f: torch.load(d / "checkpoints" / f, weights_only=True)  # noqa: E731
+    a, b = load(tmp_path / "straight", "last.pt")["agent"], load(tmp_path / "split", "last.pt")["agent"]
+    assert a["modules"].keys() == b["modules"].keys()
+    for key in a["modules"]:
+        assert torch.equal(a["modules"][key], b["modules"][key]), key
+    assert _same_extra(a["extra"], b["extra"]) and a["extra"]["state"]["goal"] is not None
+    assert _same_extra(a["optimizers"], b["optimizers"])
+    assert _same_extra(load(tmp_path / "straight", "buffers.pt"), load(tmp_path / "split", "buffers.pt"))
+
+
+# ----------------------------------------------------------------------------- learning
+@pytest.mark.slow
+def test_learns_pendulum(tmp_path):
+    """Eval return >= -600 (random: about -1200) and the worker gets closer to its goals."""
+    ret = train_run(["agent=goal_hrl", "env=pendulum", "experiment=goal_hrl_pendulum", "trainer.eval_every=0",
+                     "trainer.checkpoint_every=0", "trainer.progress=false", "threads=2"], tmp_path)
+    assert ret >= -600, ret
+    dist = [m["goal/window_distance"] for m in _metrics(tmp_path) if "goal/window_distance" in m]
+    assert np.mean(dist[-3:]) < np.mean(dist[:3]), dist
