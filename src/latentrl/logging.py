@@ -3,6 +3,7 @@ logged scalar (metrics.jsonl) that scripts can read without TensorBoard."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -43,6 +44,25 @@ class Logger:
         if img.dtype == np.uint8:
             img = img.astype(np.float32) / 255.0
         self.writer.add_image(tag, np.clip(img, 0, 1), step, dataformats="CHW")
+
+    def video(self, tag: str, frames: list[np.ndarray], step: int, fps: int = 25, max_side: int = 160) -> None:
+        """Frames (HWC uint8) as an animated GIF in TensorBoard's image tab. add_video needs
+        moviepy.editor, gone in moviepy 2.x, and then logs nothing; a GIF needs only Pillow."""
+        from PIL import Image
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        h, w = frames[0].shape[:2]
+        scale = min(1.0, max_side / max(h, w))
+        size = (max(1, int(w * scale)), max(1, int(h * scale)))
+        images = [Image.fromarray(np.asarray(f, dtype=np.uint8)).resize(size) for f in frames]
+        buf = io.BytesIO()
+        images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+        image = Summary.Image(height=size[1], width=size[0], colorspace=3, encoded_image_string=buf.getvalue())
+        self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
+    def hparams(self, hparams: dict, metrics: dict) -> None:
+        """One HParams entry per run, in the run's own event directory, so a sweep compares in TensorBoard."""
+        self.writer.add_hparams(hparams, metrics, run_name=".")
 
     def flush(self) -> None:
         self.writer.flush()

@@ -43,8 +43,25 @@ def resume_config(cli_cfg: DictConfig, overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> float | None:
-    """Train one run; returns the final mean eval return (the value Hydra sweepers optimise)."""
+def sweep_job_defaults(cfg: DictConfig, launcher) -> None:
+    """Inside a sweep: torch threads per job so that jobs x threads <= cores (unless `threads` is
+    set), and no progress bars from parallel jobs."""
+    import os
+
+    cores = os.cpu_count() or 1
+    if cfg.get("threads") is None:
+        per_job = launcher.get("cpus_per_task") if launcher is not None else None
+        if not per_job:
+            n_jobs = launcher.get("n_jobs", 1) if launcher is not None else 1
+            n_jobs = cores if n_jobs in (None, -1) or n_jobs < 1 else n_jobs
+            per_job = max(1, cores // n_jobs)
+        cfg.threads = int(per_job)
+    cfg.trainer.progress = False
+
+
+def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None, launcher=None) -> float | None:
+    """Train one run; returns the final mean eval return (the value Hydra sweepers optimise).
+    `launcher` is given inside a multirun (the Hydra launcher config)."""
     from latentrl.trainer import Trainer  # imported late: keeps `train.py --help` fast
 
     resuming = cfg.get("resume") not in (None, "")
@@ -52,6 +69,8 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
         cfg = resume_config(cfg, overrides or [])
         run_dir = Path(str(cfg.resume))
     run_dir = Path(run_dir)
+    if launcher is not None:
+        sweep_job_defaults(cfg, launcher)
     validate(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)

@@ -60,6 +60,40 @@ def build(node: DictConfig, group: str, **kwargs):
         raise
 
 
+def hparams_of(cfg: DictConfig) -> dict:
+    """Flattened scalar settings of a run, for TensorBoard's HParams dashboard."""
+    flat = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif isinstance(v, (int, float, str, bool)):
+                flat[f"{prefix}{k}"] = v
+            elif isinstance(v, list):
+                flat[f"{prefix}{k}"] = str(v)
+
+    walk(to_plain(cfg), "")
+    for k in ("resume", "trainer.progress", "device", "threads"):
+        flat.pop(k, None)
+    return flat
+
+
+def run_episode(agent, env, seed: int, frames: list | None = None) -> tuple[float, int]:
+    """One deterministic evaluation episode; appends rendered frames when a list is given."""
+    agent.begin_episode(explore=False)
+    obs, _ = env.reset(seed=seed)
+    done, ret, length = False, 0.0, 0
+    while not done:
+        if frames is not None:
+            frames.append(env.render())
+        obs, reward, terminated, truncated, _ = env.step(agent.act(obs, explore=False))
+        ret += float(reward)
+        length += 1
+        done = terminated or truncated
+    return ret, length
+
+
 def every(interval: int, step: int) -> bool:
     return interval > 0 and step % interval == 0
 
@@ -74,7 +108,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
 
         self.env = make_env(cfg.env)
-        self.eval_env = make_env(cfg.env)
+        self.eval_env = make_env(cfg.env, render_mode="rgb_array" if self.t.log_eval_video else None)
         self.env.action_space.seed(cfg.seed)
         obs_space, action_space = self.env.observation_space, self.env.action_space
         log.info("env %s: obs %s %s, action %s", cfg.env.id, obs_space.shape, obs_space.dtype, action_space.shape)
@@ -165,6 +199,7 @@ class Trainer:
                    "frames": self.step * self.cfg.env.action_repeat, "episodes": self.episode,
                    "updates": self.num_updates, "wall_time_s": round(self.wall_time, 1)}
         (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        self.logger.hparams(hparams_of(self.cfg), {"hparams/final_return": results["eval/return_mean"]})
         log.info("done: eval return %.1f +- %.1f after %d steps; results in %s", results["eval/return_mean"],
                  results["eval/return_std"], self.step, self.run_dir / "results.json")
         self.logger.close()
@@ -201,16 +236,11 @@ class Trainer:
         """Deterministic policy on a separate env, the same seeded episodes every time. RNG states
         are restored afterwards so evaluating never changes the training run."""
         torch_state, agent_rng = torch.get_rng_state(), self.agent.np_rng.bit_generator.state
-        returns, lengths = [], []
+        returns, lengths, frames = [], [], []
         for i in range(self.t.eval_episodes):
-            self.agent.begin_episode(explore=False)
-            obs, _ = self.eval_env.reset(seed=episode_seed(self.cfg.seed, i, EVAL_STREAM))
-            done, ret, length = False, 0.0, 0
-            while not done:
-                obs, reward, terminated, truncated, _ = self.eval_env.step(self.agent.act(obs, explore=False))
-                ret += float(reward)
-                length += 1
-                done = terminated or truncated
+            record = self.t.log_eval_video and i == 0
+            ret, length = run_episode(self.agent, self.eval_env, episode_seed(self.cfg.seed, i, EVAL_STREAM),
+                                      frames if record else None)
             returns.append(ret)
             lengths.append(length)
         torch.set_rng_state(torch_state)
@@ -221,6 +251,8 @@ class Trainer:
         self.logger.scalars(metrics, self.step)
         for name, img in self.agent.images().items():
             self.logger.image(name, img, self.step)
+        if frames:
+            self.logger.video("eval/video", frames, self.step)
         self.logger.flush()
         log.info("step %d: eval return %.1f +- %.1f over %d episodes", self.step, metrics["eval/return_mean"],
                  metrics["eval/return_std"], len(returns))

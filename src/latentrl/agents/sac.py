@@ -69,7 +69,9 @@ class SACCore(nn.Module):
     def update_actor_and_alpha(self, feat: torch.Tensor) -> dict:
         """feat must be detached from any encoder: only the critic trains encoders."""
         action, logp = self.actor(feat)
+        self.critic.requires_grad_(False)  # gradients flow through Q to the action only: no wasted critic grads
         q = self.critic(feat, action).min(0).values
+        self.critic.requires_grad_(True)
         actor_loss = (self.alpha * logp - q).mean()
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
