@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast bench clean
+.PHONY: help install train test test-fast bench plot evaluate clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -35,6 +35,12 @@ test-fast: $(STAMP) ## run the tests but skip the slow learning tests
 bench: ## throughput benchmark: our SAC vs stable-baselines3 SAC on HalfCheetah-v5
 	$(MAKE) install EXTRAS=dev,bench
 	$(VENV)/bin/python scripts/benchmark_sac.py $(ARGS)
+
+plot: $(STAMP) ## learning curves + table: make plot ARGS="outputs/multirun/<date>/<time>"
+	$(PY) scripts/plot.py $(ARGS)
+
+evaluate: $(STAMP) ## evaluate a run/checkpoint: make evaluate ARGS="<run_dir> --episodes 10 --video out.mp4"
+	$(PY) scripts/evaluate.py $(ARGS)
 
 clean: ## remove the virtual environment and caches (keeps outputs/)
 	rm -rf $(VENV) .pytest_cache src/*.egg-info

@@ -3,7 +3,6 @@
 Returns the final mean eval return, so Hydra sweepers (Optuna) can optimise it."""
 
 import logging
-import math
 import sys
 import traceback
 from pathlib import Path
@@ -33,9 +32,10 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
 
 
-def run_sweep_job(cfg: DictConfig, hc) -> float:
+def run_sweep_job(cfg: DictConfig, hc) -> float | None:
     """A failing job must not stop or corrupt the rest of a sweep: log where to look, leave a FAILED
-    marker in its directory, and report NaN (Optuna records the trial as failed)."""
+    marker in its directory, and return None, which Optuna records as a failed trial (a NaN makes
+    hydra-optuna-sweeper 1.3 with optuna 2.10 tell FAIL *with* a value and abort the whole study)."""
     run_dir = Path(hc.runtime.output_dir)
     try:
         return run(cfg, run_dir=run_dir, overrides=list(hc.overrides.task), launcher=hc.launcher)
@@ -43,7 +43,7 @@ def run_sweep_job(cfg: DictConfig, hc) -> float:
         (run_dir / "FAILED").write_text(traceback.format_exc())
         log.error("job %d (%s) failed: %s: %s. Traceback in %s, log in %s", hc.job.num, hc.job.override_dirname,
                   type(e).__name__, e, run_dir / "FAILED", run_dir / f"{hc.job.name}.log")
-        return math.nan
+        return None
 
 
 if __name__ == "__main__":

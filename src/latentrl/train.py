@@ -51,6 +51,8 @@ def sweep_job_defaults(cfg: DictConfig, launcher) -> None:
     cores = os.cpu_count() or 1
     if cfg.get("threads") is None:
         per_job = launcher.get("cpus_per_task") if launcher is not None else None
+        if not per_job and launcher is not None:  # Ray: the CPUs each run reserves (ray.remote.num_cpus)
+            per_job = OmegaConf.select(launcher, "ray.remote.num_cpus")
         if not per_job:
             n_jobs = launcher.get("n_jobs", 1) if launcher is not None else 1
             n_jobs = cores if n_jobs in (None, -1) or n_jobs < 1 else n_jobs

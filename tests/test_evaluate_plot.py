@@ -1,0 +1,137 @@
+"""What users do with finished runs: evaluate a checkpoint, plot a sweep, watch the eval video and the
+scalars in a real TensorBoard server. The runs are made once per module (three tiny Pendulum runs:
+two seeds of one setting, one of another)."""
+
+import importlib.util
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import ROOT, TINY, train_run
+
+RUN = [*TINY, "env=pendulum", "agent=sac", "threads=1", "trainer.total_steps=200", "trainer.eval_every=100",
+       "trainer.eval_episodes=2", "trainer.log_eval_video=true"]
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"latentrl_script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    made = {}
+    for name, extra in [("a_s0", ["seed=0"]), ("a_s1", ["seed=1"]), ("b_s0", ["seed=0", "agent.lr=1e-3"])]:
+        train_run([*RUN, *extra], root / name)
+        made[name] = root / name
+    return root, made
+
+
+def results(run):
+    return json.loads((run / "results.json").read_text())
+
+
+def test_evaluate_checkpoint_reproduces_the_final_eval(runs, tmp_path, capsys):
+    _, made = runs
+    evaluate = load_script("evaluate")
+    run = made["a_s0"]
+    out = tmp_path / "eval.json"
+    # same seed and episode count as the trainer's final evaluation -> the same episodes, the same return
+    assert evaluate.main([str(run / "checkpoints" / "last.pt"), "--episodes", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["returns"] == pytest.approx(results(run)["returns"], rel=1e-6)
+    assert report["return_mean"] == pytest.approx(results(run)["eval/return_mean"], rel=1e-6)
+    assert report["return_std"] == pytest.approx(float(np.std(report["returns"])))
+    assert report["step"] == 200 and "±" in capsys.readouterr().out
+
+
+def test_evaluate_run_dir_writes_video(runs, tmp_path):
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
+    _, made = runs
+    evaluate = load_script("evaluate")
+    video = tmp_path / "episode.mp4"
+    assert evaluate.main([str(made["a_s1"]), "--episodes", "1", "--seed", "7", "--video", str(video),
+                          "--out", str(tmp_path / "e.json")]) == 0
+    frames, _ = imageio_ffmpeg.count_frames_and_secs(str(video))
+    assert frames == 200  # one frame per step of a Pendulum episode
+
+
+def test_evaluate_refuses_a_path_that_is_not_a_run(runs, tmp_path, capsys):
+    _, made = runs
+    evaluate = load_script("evaluate")
+    for bad in [tmp_path, tmp_path / "missing", made["a_s0"] / "results.json"]:
+        assert evaluate.main([str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_plot_groups_seeds_and_tables_their_results(runs, tmp_path):
+    root, made = runs
+    plot = load_script("plot")
+    png, md = tmp_path / "curves.png", tmp_path / "results.md"
+    assert plot.main([str(root), "--out", str(png), "--table", str(md)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    rows = {cells[0]: cells[1:] for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in md.read_text().splitlines()
+             if line.startswith("| agent."))}
+    # the legend/table name only what differs between groups: the learning rate
+    assert set(rows) == {"agent.lr=0.0003", "agent.lr=0.001"}
+    a = [results(made["a_s0"])["eval/return_mean"], results(made["a_s1"])["eval/return_mean"]]
+    b = results(made["b_s0"])["eval/return_mean"]
+    assert rows["agent.lr=0.0003"][0] == f"{np.mean(a):.1f} ± {np.std(a):.1f}"
+    assert rows["agent.lr=0.0003"][1].startswith("2 (0, 1)")
+    assert rows["agent.lr=0.001"][0] == f"{b:.1f} ± 0.0"
+
+
+def test_eval_video_is_an_animated_gif_in_tensorboard(runs):
+    _, made = runs
+    acc = EventAccumulator(str(made["a_s0"] / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    events = acc.Images("eval/video")
+    assert [e.step for e in events] == [100, 200]
+    from PIL import Image
+
+    gif = events[-1].encoded_image_string
+    assert gif.startswith(b"GIF8")
+    assert Image.open(io.BytesIO(gif)).n_frames > 1
+
+
+def test_tensorboard_server_serves_the_run_scalars(runs):
+    _, made = runs
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/data/plugin/scalars"
+    proc = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(made["a_s0"] / "tb"),
+                             "--host", "127.0.0.1", "--port", str(port), "--load_fast=false", "--reload_interval", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        tags, deadline = {}, time.time() + 60
+        while "eval/return_mean" not in tags.get(".", {}) and time.time() < deadline:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                tags = json.load(urllib.request.urlopen(f"{url}/tags", timeout=2))
+            except OSError:  # not listening yet
+                time.sleep(0.5)
+        assert "eval/return_mean" in tags.get(".", {}), f"no eval scalars served after 60 s: {tags}"
+        series = json.load(urllib.request.urlopen(f"{url}/scalars?run=.&tag=eval/return_mean", timeout=5))
+        assert [step for _, step, _ in series] == [100, 200]
+        assert series[-1][2] == pytest.approx(results(made["a_s0"])["eval/return_mean"], rel=1e-5)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
