@@ -60,6 +60,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both")
     p.add_argument("--out", default=str(ROOT / "bench_results" / "sac_throughput.json"))
     args = p.parse_args()
+    import conftest  # noqa: F401  (sets its own thread count on import: set ours after it)
+
     torch.set_num_threads(args.threads)
     results = {"latentrl": [], "sb3": []}
     for r in range(args.rounds):

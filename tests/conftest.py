@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 os.environ.setdefault("MUJOCO_GL", "egl")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# one torch thread: the small networks of these tests gain little from two, and two threads per process
+# slow down badly whenever a test's subprocesses (sweeps, SIGTERM runs) compete for the same cores
+torch.set_num_threads(1)
 
 # a budget that exercises every part of the loop in seconds
 TINY = ["trainer.total_steps=300", "trainer.warmup_steps=100", "trainer.eval_every=0", "trainer.eval_episodes=1",

@@ -25,7 +25,7 @@ def cli(*overrides):
 ])
 def test_invalid_values_name_the_key(tmp_path, override, expected):
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(")):
-        train_run(["env=pendulum", *TINY, override], tmp_path)
+        train_run(["env=pendulum", "agent=sac", *TINY, override], tmp_path)
 
 
 def test_cli_wrong_type_is_one_clear_line():
@@ -43,10 +43,10 @@ def test_cli_unknown_option_and_group_choice():
 
 
 def test_cli_pixel_encoder_on_vector_env():
-    code, out = cli("env=pendulum", "encoder=cnn", *TINY)
+    code, out = cli("env=pendulum", "agent=sac", "encoder=cnn", *TINY)
     assert code == 2 and "use encoder=mlp" in out and "Traceback" not in out
 
 
 def test_unknown_agent_key_names_the_group(tmp_path):
     with pytest.raises(ConfigError, match="agent config does not fit"):
-        train_run(["env=pendulum", *TINY, "+agent.learning_rate=1e-3"], tmp_path)
+        train_run(["env=pendulum", "agent=sac", *TINY, "+agent.learning_rate=1e-3"], tmp_path)

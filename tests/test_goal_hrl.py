@@ -64,7 +64,7 @@ def test_contrastive_reward_learns_to_score_matching_pairs():
     expected = torch.log_softmax(critic.logits(achieved, goals), 1).diagonal() + math.log(16)
     assert torch.allclose(r0, expected)
     opt = torch.optim.Adam(critic.parameters(), lr=1e-2)
-    for _ in range(100):
+    for _ in range(60):
         loss = critic.loss(achieved, goals)
         opt.zero_grad()
         loss.backward()
@@ -140,6 +140,26 @@ def test_high_level_window_sums_its_k_rewards_and_stops_at_episode_end():
     assert agent.pending is None
 
 
+def test_high_level_batch_hindsight_actions_and_miss_penalty():
+    agent, env = build_agent("agent.high.relabel_fraction=1.0", "agent.high.reach_penalty=2.0",
+                             "agent.high.reward_scale=0.5")
+    collect(agent, env, 60)
+    hb = agent.sample_high()
+    start = agent.target_goals(hb["obs"])[1]
+    achieved = agent.target_goals(hb["next_obs"])[1]
+    assert torch.allclose(hb["action"], agent.action_from_goal(start, achieved))  # HAC: the goal reached
+    reached = (achieved - start).abs().max(-1).values <= agent.goal_scale  # reachable by an action in [-1, 1]
+    assert torch.allclose(hb["missed"][reached], torch.zeros(int(reached.sum())), atol=1e-6)
+    agent.high_relabel = 0.0  # no relabeling: the stored proposal pays for its miss
+    hb = agent.sample_high()
+    start = agent.target_goals(hb["obs"])[1]
+    proposed = agent.goal_from_action(start, hb["stored_action"])
+    missed = (agent.target_goals(hb["next_obs"])[1] - proposed).pow(2).mean(-1)
+    idx = hb["idx"]
+    assert torch.allclose(hb["reward"], 0.5 * torch.as_tensor(agent.high_replay.reward[idx]) - 2.0 * missed, atol=1e-5)
+    assert torch.allclose(hb["discount"], agent.high.gamma ** (hb["steps"].float() / agent.k) * (1 - hb["terminated"]))
+
+
 def test_planning_picks_the_candidate_f_predicts_most_reachable(monkeypatch):
     agent, env = build_agent("agent.planning.candidates=6", "agent.planning.q_weight=0")
     obs = agent.obs_tensor(env.reset(seed=0)[0])
@@ -187,7 +207,8 @@ def _metrics(run_dir):
 
 @pytest.mark.parametrize("reward", ["distance", "contrastive"])
 def test_smoke_pendulum(tmp_path, reward):
-    ret = train_run(["agent=goal_hrl", "env=pendulum", *FAST, f"agent.reward={reward}", *TINY], tmp_path)
+    ret = train_run(["agent=goal_hrl", "env=pendulum", *FAST, f"agent.reward={reward}", *TINY,
+                     "trainer.total_steps=160", "trainer.warmup_steps=60", "trainer.log_every=40"], tmp_path)
     assert np.isfinite(ret)
     keys = set().union(*_metrics(tmp_path))
     for key in ["goal/window_distance", "goal/success_rate", "goal/f_error", "goal/plan_gain", "loss/low_critic",
@@ -197,9 +218,9 @@ def test_smoke_pendulum(tmp_path, reward):
 
 def test_smoke_carracing_pixels(tmp_path):
     ret = train_run(["agent=goal_hrl", "env=carracing", "env.resize=32", "env.action_repeat=4", *FAST,
-                     "agent.decoder.batch_size=8", "trainer.total_steps=120", "trainer.warmup_steps=60",
-                     "trainer.eval_every=0", "trainer.eval_episodes=1", "env.max_episode_steps=200",
-                     "trainer.checkpoint_every=0", "trainer.log_every=30", "trainer.progress=false"], tmp_path)
+                     "agent.decoder.batch_size=8", "trainer.total_steps=80", "trainer.warmup_steps=50",
+                     "trainer.eval_every=0", "trainer.eval_episodes=1", "env.max_episode_steps=120",
+                     "trainer.checkpoint_every=0", "trainer.log_every=20", "trainer.progress=false"], tmp_path)
     assert np.isfinite(ret)
     assert "goal/f_error" in set().union(*_metrics(tmp_path))
 
@@ -223,9 +244,9 @@ def _same_extra(a, b):
 def test_resume_is_exact(tmp_path):
     exact = ["agent=goal_hrl", "env=pendulum", *FAST, "agent.k=7", "trainer.warmup_steps=60", "trainer.eval_every=0",
              "trainer.eval_episodes=1", "trainer.log_every=50", "trainer.checkpoint_every=0", "trainer.progress=false"]
-    train_run([*exact, "trainer.total_steps=300"], tmp_path / "straight")
-    train_run([*exact, "trainer.total_steps=145"], tmp_path / "split")  # mid-episode, mid-window
-    train_run([f"resume={tmp_path / 'split'}", "trainer.total_steps=300"], tmp_path / "unused")
+    train_run([*exact, "trainer.total_steps=220"], tmp_path / "straight")  # crosses the 200-step episode end
+    train_run([*exact, "trainer.total_steps=110"], tmp_path / "split")  # mid-episode, mid-window (110 % 7 != 0)
+    train_run([f"resume={tmp_path / 'split'}", "trainer.total_steps=220"], tmp_path / "unused")
     load = lambda d, f: torch.load(d / "checkpoints" / f, weights_only=True)  # noqa: E731
     a, b = load(tmp_path / "straight", "last.pt")["agent"], load(tmp_path / "split", "last.pt")["agent"]
     assert a["modules"].keys() == b["modules"].keys()
@@ -239,9 +260,11 @@ def test_resume_is_exact(tmp_path):
 # ----------------------------------------------------------------------------- learning
 @pytest.mark.slow
 def test_learns_pendulum(tmp_path):
-    """Eval return >= -600 (random: about -1200) and the worker gets closer to its goals."""
+    """Eval return >= -600 (random: about -1200) and the worker gets closer to its goals. The same run
+    outside pytest (experiment=goal_hrl_pendulum threads=1, seed 0) reached -204 +- 98, window distance
+    0.17 -> 0.08; it needs ~3.5 CPU-minutes."""
     ret = train_run(["agent=goal_hrl", "env=pendulum", "experiment=goal_hrl_pendulum", "trainer.eval_every=0",
-                     "trainer.checkpoint_every=0", "trainer.progress=false", "threads=2"], tmp_path)
+                     "trainer.checkpoint_every=0", "trainer.progress=false", "threads=1"], tmp_path)
     assert ret >= -600, ret
     dist = [m["goal/window_distance"] for m in _metrics(tmp_path) if "goal/window_distance" in m]
     assert np.mean(dist[-3:]) < np.mean(dist[:3]), dist

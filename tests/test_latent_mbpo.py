@@ -53,7 +53,8 @@ def test_elites_have_the_lowest_holdout_loss():
     metrics = agent.train_model()
     holdout = torch.tensor([float(metrics[f"model/holdout_loss_m{m}"]) for m in range(5)])
     assert agent.elites.tolist() == sorted(torch.argsort(holdout)[:2].tolist())
-    assert [metrics[f"model/elite_mask_m{m}"] for m in range(5)] == [float(m in agent.elites.tolist()) for m in range(5)]
+    elites = agent.elites.tolist()
+    assert [metrics[f"model/elite_mask_m{m}"] for m in range(5)] == [float(m in elites) for m in range(5)]
     for key in ("model/latent_err_1step", "model/latent_err_5step", "model/reward_mse", "loss/decoder", "loss/kl",
                 "loss/transition", "loss/encoder"):
         assert torch.isfinite(torch.as_tensor(metrics[key])), key
@@ -117,12 +118,15 @@ def test_bad_config_values_name_the_key():
 @pytest.mark.parametrize("overrides", [
     ["env=pendulum"],
     ["env=hopper", "agent.termination=learned", "agent.rollout_schedule=[0,200,1,3]"],
-    ["env=carracing", "env.resize=32", "env.action_repeat=4", "agent.rollouts_per_step=4"],
+    # CarRacing renders every frame: short episodes and a shorter run keep it to seconds
+    ["env=carracing", "env.resize=32", "env.action_repeat=4", "env.max_episode_steps=200", "agent.rollouts_per_step=4",
+     "trainer.total_steps=160", "trainer.warmup_steps=50"],
 ])
 def test_smoke(tmp_path, overrides):
-    train_run([*overrides, *SMALL, *TINY], tmp_path)
+    train_run([*SMALL, *TINY, *overrides], tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
-    assert np.isfinite(results["eval/return_mean"]) and results["step"] == 300
+    assert np.isfinite(results["eval/return_mean"])
+    assert results["step"] == compose_cfg([*SMALL, *TINY, *overrides]).trainer.total_steps
     logged = {}
     for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
         logged.update(json.loads(line))
@@ -173,5 +177,5 @@ def test_latent_mbpo_learns_pendulum_faster_than_sac(tmp_path):
                            chunk=500, limit=3000)
     sac = _steps_to_solve(tmp_path, ["agent=sac", "trainer.warmup_steps=1000"], chunk=500, limit=8000)
     print(f"steps to eval return >= -400 on Pendulum-v1: latent_mbpo {mbpo}, sac {sac}")
-    assert mbpo <= 3000, f"latent_mbpo did not reach -400 within 3000 steps"
+    assert mbpo <= 3000, "latent_mbpo did not reach -400 within 3000 steps"
     assert mbpo <= 0.6 * sac, f"latent_mbpo needed {mbpo} steps, sac {sac}: expected clearly fewer"

@@ -15,9 +15,11 @@ Two SAC levels share one observation encoder:
 - a **high level** (SACCore over h(s), squashed actions u in [-1,1]^d) choosing a goal every k
   steps, trained on the extrinsic reward summed over the window, with HAC's hindsight action
   relabeling (the goal actually reached replaces the proposed one) so its off-policy data stays
-  valid while the low level changes. Goals are relative by default, as in HIRO:
-  g = clip(E(s) + goal_scale * u, -1, 1), so even an untrained, high-entropy manager proposes goals
-  near the states the low level can reach (absolute goals g = u are the alternative).
+  valid while the low level changes, and HAC's subgoal testing as a penalty: a window whose goal
+  was missed costs `reach_penalty` x the miss distance, so the manager learns to propose goals the
+  worker can reach. Goals are relative by default, as in HIRO: g = clip(E(s) + goal_scale * u, -1, 1),
+  so even an untrained, high-entropy manager proposes goals near states the worker can reach
+  (absolute goals g = u are the alternative).
 
 One update() computes every loss that touches the encoder on the same batch and takes one
 backward pass: on a CPU the encoder forward is the cost that matters.
@@ -35,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from latentrl.agents.base import Agent
-from latentrl.agents.networks import mlp, random_shift, soft_update
+from latentrl.agents.networks import PixelDecoder, mlp, random_shift, soft_update
 from latentrl.agents.sac import SACCore
 from latentrl.buffers import ReplayBuffer
 from latentrl.config import ConfigError
@@ -99,27 +101,6 @@ class GoalEncoder(nn.Module):
         return h, self.head(h)
 
 
-class PixelDecoder(nn.Module):
-    """g -> image: a linear map to a (C0, s, s) grid, three stride-2 transposed convs (x8), resized
-    to the frame size. Output is in the encoder's input scale (pixels / 255 - 0.5)."""
-
-    def __init__(self, goal_dim: int, obs_shape: tuple, channels=(128, 64, 32)):
-        super().__init__()
-        c, self.h, self.w = obs_shape
-        self.s = max(1, math.ceil(max(self.h, self.w) / 8))
-        self.c0 = channels[0]
-        self.fc = nn.Linear(goal_dim, channels[0] * self.s * self.s)
-        layers, in_ch = [], channels[0]
-        for out_ch in (*channels[1:], c):
-            layers += [nn.ReLU(), nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1)]
-            in_ch = out_ch
-        self.deconvs = nn.Sequential(*layers)
-
-    def forward(self, g: torch.Tensor) -> torch.Tensor:
-        x = self.deconvs(self.fc(g).view(-1, self.c0, self.s, self.s))
-        return F.interpolate(x, size=(self.h, self.w), mode="bilinear", align_corners=False)
-
-
 class VectorDecoder(nn.Module):
     def __init__(self, goal_dim: int, obs_shape: tuple, hidden_dims=(256, 256)):
         super().__init__()
@@ -158,7 +139,7 @@ class GoalHRL(Agent):
     def __init__(self, encoder: nn.Module, obs_space: gym.spaces.Box, action_space: gym.spaces.Box,
                  device: str = "cpu", seed: int = 0, goal_dim: int = 64, k: int = 10, reward: str = "distance",
                  lr: float = 3e-4, batch_size: int = 256, buffer_size: int = 1_000_000, encoder_tau: float = 0.01,
-                 augment_pad: int = 4, actor_update_every: int = 1, success_threshold: float = 0.01,
+                 augment_pad: int = 4, actor_update_every: int = 1, success_threshold: float = 0.05,
                  low=None, high=None, model=None, decoder=None, contrastive=None, planning=None):
         super().__init__(action_space, device, seed)
         low, high, model = dict(low or {}), dict(high or {}), dict(model or {})
@@ -203,13 +184,14 @@ class GoalHRL(Agent):
         self.low_reward_scale = float(low.get("reward_scale", 1.0))
         self.high = sac_core(high, feat_dim, d)
         self.high_correction = high.get("correction", "hac")
-        self.high_relabel = float(high.get("relabel_fraction", 1.0)) if self.high_correction == "hac" else 0.0
+        self.high_relabel = float(high.get("relabel_fraction", 0.5)) if self.high_correction == "hac" else 0.0
         self.high_reward_scale = float(high.get("reward_scale", 1.0))
+        self.reach_penalty = float(high.get("reach_penalty", 1.0))
         self.high_batch = int(high.get("batch_size", self.batch_size))
         self.high_update_every = int(high.get("update_every", 1))
         self.high_trains_encoder = bool(high.get("critic_trains_encoder", True))
         self.relative_goals = high.get("goal_space", "relative") == "relative"
-        self.goal_scale = float(high.get("goal_scale", 0.5))
+        self.goal_scale = float(high.get("goal_scale", 0.25))
         self.optimizers = {**self.low.optimizers("low_"), **self.high.optimizers("high_"), "model": self.model_opt}
 
         self.n_candidates = int(planning.get("candidates", 8))
@@ -239,12 +221,14 @@ class GoalHRL(Agent):
             raise ConfigError(f"agent.goal_dim must be >= 1, got {goal_dim}")
         correction = high.get("correction", "hac")
         if correction not in CORRECTIONS:
-            raise ConfigError(f"agent.high.correction={correction!r} is unknown: set it to one of {', '.join(CORRECTIONS)}")
+            raise ConfigError(f"agent.high.correction={correction!r} is unknown: "
+                              f"set it to one of {', '.join(CORRECTIONS)}")
         goal_space = high.get("goal_space", "relative")
         if goal_space not in GOAL_SPACES:
-            raise ConfigError(f"agent.high.goal_space={goal_space!r} is unknown: set it to one of {', '.join(GOAL_SPACES)}")
+            raise ConfigError(f"agent.high.goal_space={goal_space!r} is unknown: "
+                              f"set it to one of {', '.join(GOAL_SPACES)}")
         for key, value in (("low.relabel_fraction", low.get("relabel_fraction", 0.5)),
-                           ("high.relabel_fraction", high.get("relabel_fraction", 1.0))):
+                           ("high.relabel_fraction", high.get("relabel_fraction", 0.5))):
             if not 0.0 <= float(value) <= 1.0:
                 raise ConfigError(f"agent.{key} must be in [0, 1], got {value}")
         if int(planning.get("candidates", 8)) < 0:
@@ -283,7 +267,8 @@ class GoalHRL(Agent):
         as they will later), uniform actions."""
         s = self.state[True]
         if self._new_window(True):
-            u = torch.as_tensor(self.np_rng.uniform(-1.0, 1.0, (1, self.goal_dim)).astype(np.float32), device=self.device)
+            u = torch.as_tensor(self.np_rng.uniform(-1.0, 1.0, (1, self.goal_dim)), dtype=torch.float32,
+                                device=self.device)
             goal = self.goal_from_action(self.target_goals(self.obs_tensor(obs))[1], u)
             s["action"], s["goal"], s["t"] = u[0].cpu().numpy(), goal[0].cpu().numpy(), 0
         s["t"] += 1
@@ -384,13 +369,31 @@ class GoalHRL(Agent):
         b["future_idx"] = future
         b["relabeled"] = torch.as_tensor(self.np_rng.random(self.batch_size) < self.low_relabel, device=self.device)
         # encode only the future observations a loss needs (all of them for the contrastive critic)
-        rows = np.arange(self.batch_size) if self.contrastive is not None else np.flatnonzero(b["relabeled"].cpu().numpy())
+        rows = (np.arange(self.batch_size) if self.contrastive is not None
+                else np.flatnonzero(b["relabeled"].cpu().numpy()))
         if len(rows):
             future_goal = self.target_goals(torch.as_tensor(self.replay.obs[future[rows]], device=self.device))[1]
             b["future_goal"] = torch.zeros_like(b["goal"]).index_copy_(0, torch.as_tensor(rows, device=self.device),
                                                                         future_goal)
             b["goal"] = torch.where(b["relabeled"].unsqueeze(-1), b["future_goal"], b["goal"])
         return b
+
+    def sample_high(self) -> dict:
+        """A high-level batch ready for the critic: HAC's hindsight action (a `high.relabel_fraction`
+        share of windows get the action that would have proposed the goal actually reached) and
+        subgoal testing as a penalty (a proposal missed by distance D costs reach_penalty * D; 0 when
+        relabeled). Achieved goals and next-state features come from the EMA encoder."""
+        hb = self.high_replay.sample(self.high_batch, self.device)
+        hb["next_feat"], achieved = self.target_goals(hb["next_obs"])
+        start = self.target_goals(hb["obs"])[1] if self.relative_goals else None
+        relabel = torch.as_tensor(self.np_rng.random(len(achieved)) < self.high_relabel, device=self.device)
+        hb["stored_action"] = hb["action"]
+        hb["action"] = torch.where(relabel.unsqueeze(-1), self.action_from_goal(start, achieved), hb["action"])
+        hb["missed"] = goal_distance(achieved, self.goal_from_action(start, hb["action"]))
+        hb["reward"] = self.high_reward_scale * hb["reward"] - self.reach_penalty * hb["missed"]
+        hb["discount"] = self.high.gamma ** (hb["steps"].float() / self.k) * (1.0 - hb["terminated"])
+        hb["relabeled"] = relabel
+        return hb
 
     def update(self, step: int) -> dict:
         metrics: dict = {}
@@ -423,23 +426,15 @@ class GoalHRL(Agent):
         # ---- high level (shares the encoder; its critic may train it too)
         do_high = self.num_updates % self.high_update_every == 0 and len(self.high_replay) > 0
         if do_high:
-            hb = self.high_replay.sample(self.high_batch, self.device)
+            hb = self.sample_high()
             h_hi = self.goal_encoder.trunk(self._augment(hb["obs"]))
             if not self.high_trains_encoder:
                 h_hi = h_hi.detach()
-            h_hi_next_t, achieved = self.target_goals(hb["next_obs"])
-            relabel = torch.as_tensor(self.np_rng.random(len(achieved)) < self.high_relabel, device=self.device)
-            if self.high_relabel > 0:  # HAC hindsight action: the action that proposes the goal actually reached
-                start = self.target_goals(hb["obs"])[1] if self.relative_goals else None
-                hindsight = self.action_from_goal(start, achieved)
-                high_action = torch.where(relabel.unsqueeze(-1), hindsight, hb["action"])
-            else:
-                high_action = hb["action"]
-            discount = self.high.gamma ** (hb["steps"].float() / self.k) * (1.0 - hb["terminated"])
-            high_loss, high_info = self.high.critic_loss(h_hi, high_action, self.high_reward_scale * hb["reward"],
-                                                         h_hi_next_t, discount)
+            high_loss, high_info = self.high.critic_loss(h_hi, hb["action"], hb["reward"], hb["next_feat"],
+                                                         hb["discount"])
             total = total + high_loss
-            metrics.update({"loss/high_critic": high_loss.detach(), "train/high_q_mean": high_info["q_mean"]})
+            metrics.update({"loss/high_critic": high_loss.detach(), "train/high_q_mean": high_info["q_mean"],
+                            "goal/high_miss_distance": hb["missed"].mean()})
 
         for opt in (self.low.critic_opt, self.high.critic_opt, self.model_opt):
             opt.zero_grad(set_to_none=True)

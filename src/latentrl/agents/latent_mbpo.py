@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from latentrl.agents.base import Agent
-from latentrl.agents.networks import EnsembleMLP, mlp, soft_update
+from latentrl.agents.networks import EnsembleMLP, PixelDecoder, mlp, soft_update
 from latentrl.agents.sac import SACCore
 from latentrl.buffers import ReplayBuffer
 from latentrl.config import ConfigError
@@ -89,30 +89,6 @@ class LatentEnsemble(nn.Module):
         return self.max_logvar.sum() - self.min_logvar.sum()
 
 
-class PixelDecoder(nn.Module):
-    """z -> image in [-0.5, 0.5]: a linear map to a 1/8-size feature map, three stride-2
-    transposed convolutions, and a resize for sides that are not multiples of 8."""
-
-    def __init__(self, latent_dim: int, obs_shape: tuple, channels=(128, 64, 32)):
-        super().__init__()
-        c, h, w = obs_shape
-        self.obs_hw = (h, w)
-        self.start = (channels[0], math.ceil(h / 8), math.ceil(w / 8))
-        self.fc = nn.Linear(latent_dim, int(np.prod(self.start)))
-        layers, ch = [], channels[0]
-        for out in (*channels[1:], c):
-            layers += [nn.ReLU(), nn.ConvTranspose2d(ch, out, 4, stride=2, padding=1)]
-            ch = out
-        self.deconvs = nn.Sequential(*layers)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.deconvs(self.fc(z).view(-1, *self.start))
-        if x.shape[-2:] != self.obs_hw:
-            x = F.interpolate(x, size=self.obs_hw, mode="bilinear", align_corners=False)
-        return x
-
-
-# ---------------------------------------------------------------------------------------------- model buffer
 class ModelBuffer:
     """Preallocated circular storage of imagined latent transitions (z, a, r, z', terminated).
 
@@ -193,7 +169,8 @@ class LatentMBPO(Agent):
                  model_train_steps: int = 250, model_init_train_steps: int = 1000, holdout_every: int = 10,
                  holdout_size: int = 2000, bootstrap: bool = True, multistep_horizon: int = 5,
                  rollout_schedule=(20000, 100000, 1, 1), rollouts_per_step: int = 400,
-                 model_retain_retrains: int = 4, real_ratio: float = 0.05, updates_per_step: int = 10,
+                 rollout_noise: bool = True, model_retain_retrains: int = 4, real_ratio: float = 0.05,
+                 updates_per_step: int = 10,
                  hidden_dims=(256, 256), lr: float = 3e-4, gamma: float = 0.99, tau: float = 0.005,
                  batch_size: int = 256, buffer_size: int = 1_000_000, init_temperature: float = 1.0,
                  target_entropy: float | None = None, actor_update_every: int = 1):
@@ -227,8 +204,10 @@ class LatentMBPO(Agent):
         self.model_train_steps, self.model_init_train_steps = model_train_steps, model_init_train_steps
         self.holdout_every, self.holdout_size, self.multistep_horizon = holdout_every, holdout_size, multistep_horizon
         self.rollout_schedule, self.rollouts_per_step = rollout_schedule, rollouts_per_step
+        self.rollout_noise = rollout_noise
         self.model_retain_retrains, self.real_ratio = model_retain_retrains, real_ratio
-        self.updates_per_step, self.batch_size, self.actor_update_every = updates_per_step, batch_size, actor_update_every
+        self.updates_per_step, self.batch_size = updates_per_step, batch_size
+        self.actor_update_every = actor_update_every
 
         # -- world model: encoder (+ EMA target), ensemble with reward output, termination, decoder
         self.encoder = ProbabilisticEncoder(encoder, latent_dim)
@@ -452,8 +431,8 @@ class LatentMBPO(Agent):
     @torch.no_grad()
     def rollout(self, n: int) -> dict:
         """Branch `n` rollouts from latents of real states (current encoder mean) with the current
-        policy; each step samples one elite per rollout and its Gaussian. A predicted termination
-        ends that rollout."""
+        policy; each step picks one elite per rollout and samples its Gaussian (or takes its mean
+        with rollout_noise=false). A predicted termination ends that rollout."""
         length = self.rollout_length()
         z = self.encode_mean(self.replay.obs[self.replay.sample_idx(n)])
         added = 0
@@ -462,7 +441,9 @@ class LatentMBPO(Agent):
             mean, logvar = self.ensemble(z, action)
             member = self.elites[torch.randint(0, self.num_elites, (len(z),), device=self.device)]
             rows = torch.arange(len(z), device=self.device)
-            sample = mean[member, rows] + (0.5 * logvar[member, rows]).exp() * torch.randn_like(mean[0])
+            sample = mean[member, rows]
+            if self.rollout_noise:
+                sample = sample + (0.5 * logvar[member, rows]).exp() * torch.randn_like(sample)
             next_z, reward = z + sample[:, : self.latent_dim], sample[:, self.latent_dim]
             if self.term_model is not None:
                 done = torch.sigmoid(self.term_model(torch.cat([z, action], -1)).squeeze(-1)) > 0.5

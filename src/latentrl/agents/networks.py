@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -88,6 +89,32 @@ class SquashedGaussianActor(nn.Module):
         log_prob = (-0.5 * ((x - mu) / std) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
         log_prob = log_prob - (2 * (math.log(2) - x - F.softplus(-2 * x))).sum(-1)
         return action, log_prob
+
+
+class PixelDecoder(nn.Module):
+    """latent -> image in the CNN encoder's input scale (pixels / 255 - 0.5): a linear map to a 1/8-size feature map, three stride-2
+    transposed convolutions, and a resize for sides that are not multiples of 8."""
+
+    def __init__(self, latent_dim: int, obs_shape: tuple, channels=(128, 64, 32)):
+        super().__init__()
+        c, h, w = obs_shape
+        self.obs_hw = (h, w)
+        self.start = (channels[0], math.ceil(h / 8), math.ceil(w / 8))
+        self.fc = nn.Linear(latent_dim, int(np.prod(self.start)))
+        layers, ch = [], channels[0]
+        for out in (*channels[1:], c):
+            layers += [nn.ReLU(), nn.ConvTranspose2d(ch, out, 4, stride=2, padding=1)]
+            ch = out
+        self.deconvs = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.deconvs(self.fc(z).view(-1, *self.start))
+        if x.shape[-2:] != self.obs_hw:
+            x = F.interpolate(x, size=self.obs_hw, mode="bilinear", align_corners=False)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------- model buffer
 
 
 def random_shift(obs: torch.Tensor, pad: int) -> torch.Tensor:
