@@ -26,6 +26,7 @@ class EnvConfig:
     grayscale: bool = False  # convert RGB frames to one channel (pixels only)
     max_episode_steps: Optional[int] = None  # override the env's time limit, in env frames
     kwargs: dict = field(default_factory=dict)  # extra keyword arguments for gymnasium.make
+    buffer_size: int = 1_000_000  # default replay capacity for this env (agent configs read ${env.buffer_size})
 
 
 @dataclass
@@ -47,7 +48,7 @@ _NON_NEGATIVE = {
     "trainer": ["total_steps", "warmup_steps", "updates_per_step", "eval_every", "eval_episodes",
                 "checkpoint_every"],
 }
-_POSITIVE = {"trainer": ["log_every"], "env": ["action_repeat", "frame_stack"]}
+_POSITIVE = {"trainer": ["log_every"], "env": ["action_repeat", "frame_stack", "buffer_size"]}
 
 
 def validate(cfg: DictConfig) -> None:

@@ -17,6 +17,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from latentrl.config import ConfigError
+
 
 class ReplayBuffer:
     def __init__(self, capacity: int, obs_shape: tuple, obs_dtype, action_dim: int, seed: int = 0,
@@ -25,7 +27,12 @@ class ReplayBuffer:
         if capacity < 2:
             raise ValueError(f"replay capacity must be >= 2, got {capacity}")
         self.capacity = int(capacity)
-        self.obs = np.zeros((capacity, *obs_shape), dtype=obs_dtype)
+        try:
+            self.obs = np.zeros((capacity, *obs_shape), dtype=obs_dtype)
+        except MemoryError:
+            need = capacity * int(np.prod(obs_shape)) * np.dtype(obs_dtype).itemsize / 2**30
+            raise ConfigError(f"a replay of {capacity} observations of shape {tuple(obs_shape)} needs {need:.1f} GiB, "
+                              "more than this machine can allocate: lower agent.buffer_size") from None
         self.action = np.zeros((capacity, action_dim), dtype=np.float32)
         self.reward = np.zeros(capacity, dtype=np.float32)
         self.terminated = np.zeros(capacity, dtype=bool)
