@@ -1,7 +1,6 @@
 """agent=goal_hrl: rewards, HER relabeling, high-level windows, planning, smoke runs, exact resume, learning."""
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -61,8 +60,8 @@ def test_contrastive_reward_learns_to_score_matching_pairs():
     goals = torch.randn(16, 4)
     achieved = goals + 0.05 * torch.randn(16, 4)
     r0 = critic.reward(achieved, goals)
-    expected = torch.log_softmax(critic.logits(achieved, goals), 1).diagonal() + math.log(16)
-    assert torch.allclose(r0, expected)
+    expected = critic.logits(achieved, goals).diagonal() * critic.temperature  # the pair's own similarity
+    assert torch.allclose(r0, expected, atol=1e-6) and r0.abs().max() <= 1.0 + 1e-6
     opt = torch.optim.Adam(critic.parameters(), lr=1e-2)
     for _ in range(60):
         loss = critic.loss(achieved, goals)
@@ -72,7 +71,7 @@ def test_contrastive_reward_learns_to_score_matching_pairs():
     with torch.no_grad():
         matched = critic.reward(achieved, goals).mean()
         shuffled = critic.reward(achieved, goals.roll(1, 0)).mean()
-    assert matched > math.log(16) - 0.5 and matched > shuffled + 2.0
+    assert matched > 0.8 and matched > shuffled + 0.5
 
 
 def test_unknown_config_values_name_the_allowed_ones():

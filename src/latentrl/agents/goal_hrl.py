@@ -7,7 +7,7 @@ Two SAC levels share one observation encoder:
   by the prediction loss of the goal transition model; an EMA copy of it gives rewards, HER goals
   and model targets so they do not chase themselves;
 - a **low level** pi(a|s,g), Q(s,a,g) (SACCore over [h(s), g]) rewarded for reaching the goal:
-  r = -||E(s')-g||^2 / d, cos(E(s'), g) (Director), or an InfoNCE critic's log-score; trained on
+  r = -||E(s')-g||^2 / d, cos(E(s'), g) (Director), or an InfoNCE critic's similarity; trained on
   replay with HER "future" relabeling (goals = EMA encodings of later observations, at sample time);
 - a **goal transition model** f(g_t, h_t, a_t) -> (g_{t+1}, h_{t+1}): its error shapes the latent
   space (auxiliary loss) and it plans: the high level proposes candidates, f rolls each out k steps
@@ -28,7 +28,6 @@ backward pass: on a CPU the encoder forward is the cost that matters.
 from __future__ import annotations
 
 import copy
-import math
 
 import gymnasium as gym
 import numpy as np
@@ -67,7 +66,9 @@ class ContrastiveReward(nn.Module):
     """InfoNCE critic over (achieved, goal) latents: score = <phi(z), psi(g)> / temperature.
     Positives are (E(s_{t+1}), E(s_{t+j})) pairs of the same episode, negatives the other goals of the
     batch, so the score learns temporal reachability (contrastive RL). The reward of a pair is its
-    log-probability of being the match among the batch's goals, plus log B (0 = chance level)."""
+    similarity <phi, psi> in [-1, 1] (the logit times the temperature): bounded like the cosine reward,
+    and unlike the batch log-softmax (which spans -20..log B) it does not depend on the other goals
+    sampled with it."""
 
     def __init__(self, goal_dim: int, hidden_dims=(256,), embed_dim: int = 64, temperature: float = 0.1):
         super().__init__()
@@ -75,16 +76,19 @@ class ContrastiveReward(nn.Module):
         self.psi = mlp(goal_dim, hidden_dims, embed_dim)
         self.temperature = temperature
 
+    def embed(self, achieved: torch.Tensor, goal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.normalize(self.phi(achieved), dim=-1), F.normalize(self.psi(goal), dim=-1)
+
     def logits(self, achieved: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
-        a, g = F.normalize(self.phi(achieved), dim=-1), F.normalize(self.psi(goal), dim=-1)
+        a, g = self.embed(achieved, goal)
         return a @ g.T / self.temperature  # (B achieved, B goals)
 
     def loss(self, achieved: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.logits(achieved, goal), torch.arange(len(goal), device=goal.device))
 
     def reward(self, achieved: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
-        logp = F.log_softmax(self.logits(achieved, goal), dim=1).diagonal()
-        return logp + math.log(len(goal))
+        a, g = self.embed(achieved, goal)
+        return (a * g).sum(-1)
 
 
 # ----------------------------------------------------------------------------- networks
