@@ -36,13 +36,17 @@ def make_env(env_cfg: DictConfig, render_mode: str | None = None) -> gym.Env:
         shape = env.observation_space.shape
         if len(shape) != 3:
             raise ConfigError(f"env.pixels=true but {env_cfg.id} observations have shape {shape}: set env.pixels=false")
+    elif env_cfg.frame_stack > 1 or env_cfg.resize or env_cfg.grayscale:
+        raise ConfigError("env.frame_stack/resize/grayscale apply to pixel envs only: set env.pixels=true or drop them")
+    # order: rescale -> repeat -> preprocess -> stack. Repeat sits inside the pixel wrappers so that
+    # preprocessing runs once per agent step and stacked frames are `action_repeat` env frames apart
+    # (the motion signal the stack exists for), not consecutive raw frames.
+    if env_cfg.action_repeat > 1:
+        env = ActionRepeat(env, env_cfg.action_repeat)
+    if env_cfg.pixels:
         env = PixelPreprocess(env, env_cfg.resize, env_cfg.grayscale)
         if env_cfg.frame_stack > 1:
             env = FrameStack(env, env_cfg.frame_stack)
-    elif env_cfg.frame_stack > 1 or env_cfg.resize or env_cfg.grayscale:
-        raise ConfigError("env.frame_stack/resize/grayscale apply to pixel envs only: set env.pixels=true or drop them")
-    if env_cfg.action_repeat > 1:
-        env = ActionRepeat(env, env_cfg.action_repeat)
     return env
 
 
