@@ -199,6 +199,41 @@ def test_evaluation_does_not_disturb_the_training_window():
     assert agent.pending["steps"] == before[1]["steps"]
 
 
+def test_eval_with_planning_is_identical_across_calls_with_the_same_seed():
+    from latentrl.trainer import run_episode
+    agent, env = build_agent("agent.planning.candidates=6", "env.max_episode_steps=40")
+    collect(agent, env, 30)
+    eval_env = make_env(compose_cfg(["env=pendulum", "env.max_episode_steps=40"]).env)
+    results = []
+    for global_seed in (1, 2):  # the training run's RNG state must not matter
+        torch.manual_seed(global_seed)
+        before = torch.get_rng_state()
+        goals = []
+        act = agent.act
+        agent.act = lambda o, explore: (act(o, explore), goals.append(agent.state[False]["goal"]))[0]
+        results.append((run_episode(agent, eval_env, seed=7), np.array(goals)))
+        del agent.act
+        assert torch.equal(torch.get_rng_state(), before)  # evaluation draws nothing from the global stream
+    (ret_a, goals_a), (ret_b, goals_b) = results
+    assert ret_a == ret_b and np.array_equal(goals_a, goals_b)
+
+
+def test_checkpoint_rng_state_has_cuda_streams():
+    from latentrl import checkpoint as ckpt_io
+    state = ckpt_io.rng_state()
+    assert "cuda" in state
+    if not torch.cuda.is_available():
+        assert state["cuda"] == []  # structure on CPU: one state per CUDA device, none here
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    state = ckpt_io.rng_state()
+    torch.rand(5)
+    ckpt_io.set_rng_state(state)
+    assert torch.equal(torch.rand(3), expected)
+    ckpt_io.set_rng_state({k: v for k, v in state.items() if k != "cuda"})  # checkpoints from before CUDA state
+
+
 # ----------------------------------------------------------------------------- runs
 def _metrics(run_dir):
     return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]

@@ -71,12 +71,18 @@ def check_compatible(ckpt: dict, cfg: dict, path: Path) -> None:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+    """Every global RNG stream: torch CPU, torch CUDA (one state per device; [] without CUDA), Python,
+    NumPy's legacy generator."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate(),
             "numpy_legacy": _np_legacy_state()}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []  # absent in older checkpoints; empty when written without CUDA
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
     random.setstate(_to_tuple(state["python"]))
     kind, keys, pos, has_gauss, gauss = state["numpy_legacy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))

@@ -234,8 +234,9 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
         """Deterministic policy on a separate env, the same seeded episodes every time. RNG states
-        are restored afterwards so evaluating never changes the training run."""
-        torch_state, agent_rng = torch.get_rng_state(), self.agent.np_rng.bit_generator.state
+        are restored afterwards (torch CPU and CUDA, Python, NumPy, the agent's own generator) so
+        evaluating never changes the training run."""
+        global_rng, agent_rng = ckpt_io.rng_state(), self.agent.np_rng.bit_generator.state
         returns, lengths, frames = [], [], []
         for i in range(self.t.eval_episodes):
             record = self.t.log_eval_video and i == 0
@@ -243,7 +244,7 @@ class Trainer:
                                       frames if record else None)
             returns.append(ret)
             lengths.append(length)
-        torch.set_rng_state(torch_state)
+        ckpt_io.set_rng_state(global_rng)
         self.agent.np_rng.bit_generator.state = agent_rng
         metrics = {"eval/return_mean": float(np.mean(returns)) if returns else float("nan"),
                    "eval/return_std": float(np.std(returns)) if returns else float("nan"),

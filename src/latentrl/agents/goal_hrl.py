@@ -146,6 +146,7 @@ class GoalHRL(Agent):
                  augment_pad: int = 4, actor_update_every: int = 1, success_threshold: float = 0.05,
                  low=None, high=None, model=None, decoder=None, contrastive=None, planning=None):
         super().__init__(action_space, device, seed)
+        self.seed = int(seed)
         low, high, model = dict(low or {}), dict(high or {}), dict(model or {})
         decoder, contrastive, planning = dict(decoder or {}), dict(contrastive or {}), dict(planning or {})
         self._validate(goal_dim, k, reward, low, high, planning)
@@ -213,6 +214,7 @@ class GoalHRL(Agent):
         self.pending: dict | None = None  # the open high-level window of the training episode
         self.env_stats: dict[str, list[float]] = {}  # env-time goal/ metrics, emitted by the next update()
         self.num_updates = 0
+        self.eval_windows = 0
         self.to(self.device)
 
     @staticmethod
@@ -261,6 +263,8 @@ class GoalHRL(Agent):
         self.state[explore] = {"goal": None, "action": None, "t": 0}
         if explore:
             self.pending = None
+        else:
+            self.eval_windows = 0  # seeds the planning candidates of each evaluation window
 
     def _new_window(self, explore: bool) -> bool:
         s = self.state[explore]
@@ -311,8 +315,10 @@ class GoalHRL(Agent):
             u = self.high.act(h, explore)
             return u, self.goal_from_action(g_target, u)
         hs = h.expand(self.n_candidates, -1)
-        actions = self.high.actor(hs, with_log_prob=False)[0]
-        if not explore:
+        if explore:
+            actions = self.high.actor(hs, with_log_prob=False)[0]
+        else:
+            actions = self._eval_candidates(hs)
             actions[0] = self.high.act(h, explore=False)[0]
         candidates = self.goal_from_action(g_target, actions)
         dist = self.plan_distances(h, g, candidates)
@@ -325,6 +331,18 @@ class GoalHRL(Agent):
             self._stat("goal/plan_dist_first", dist[0])
             self._stat("goal/plan_gain", dist[0] - dist[best])
         return actions[best:best + 1], candidates[best:best + 1]
+
+    def _eval_candidates(self, hs: torch.Tensor) -> torch.Tensor:
+        """Evaluation candidates drawn under a fixed seed (agent seed, window index in the episode) in
+        a forked RNG: an evaluation is a function of the networks and the env seed only, and leaves
+        the global (CPU and CUDA) RNG streams of training untouched."""
+        cuda = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+            if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(self.seed * 1_000_003 + self.eval_windows)
+            actions = self.high.actor(hs, with_log_prob=False)[0]
+        self.eval_windows += 1
+        return actions
 
     def _stat(self, key: str, value) -> None:
         self.env_stats.setdefault(key, []).append(float(value))
