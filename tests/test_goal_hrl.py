@@ -97,10 +97,34 @@ def test_her_goals_are_target_encodings_of_later_observations_of_the_same_episod
     assert ((future - idx) % agent.replay.capacity >= 1).all()
     expected = agent.target_goals(torch.as_tensor(agent.replay.obs[future]))[1]
     assert torch.allclose(b["goal"], expected)
-    # with relabeling off, the stored (pursued) goals come back unchanged
+    # with relabeling off, the pursued goals come back (re-derived from their window start and u)
     agent.low_relabel = 0.0
     b = agent.sample_low()
-    assert torch.equal(b["goal"], torch.as_tensor(agent.replay.extras["goal"][b["idx"]]))
+    assert torch.equal(b["goal"], agent.stored_goals(b["idx"]))
+
+
+def test_stored_goals_are_derived_at_sample_time_from_the_current_ema_encoder():
+    agent, env = build_agent("agent.k=4", "agent.low.relabel_fraction=0.0", "env.max_episode_steps=30")
+    episodes = collect(agent, env, 70)
+    rb = agent.replay
+    slots = np.flatnonzero(rb.valid[:rb.size])
+    # the first transition of each episode sits at slot 0 and right after the previous episode's final obs
+    first = {0: 0}
+    for i, ep in enumerate(episodes[:-1]):
+        first[i + 1] = first[i] + len(ep)
+    with torch.no_grad():  # the encoder moves after the data was collected: goals must follow it
+        for p in agent.goal_encoder_target.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    b = agent.sample_low()
+    idx = b["idx"]
+    ep = rb.episode[idx]
+    t = idx - np.array([first[e] for e in ep])  # step within the episode
+    start_obs = np.stack([episodes[e][s - s % agent.k] for e, s in zip(ep, t)])  # windows start every k steps
+    start = agent.target_goals(torch.as_tensor(start_obs))[1]
+    u = torch.as_tensor(rb.extras["goal_action"][idx])
+    expected = (start + agent.goal_scale * u).clamp(-1, 1)
+    assert torch.allclose(b["goal"], expected, atol=1e-6)
+    assert len(slots) == 70 and set(np.unique(rb.extras["goal_age"][slots])) == {0, 1, 2, 3}
 
 
 class ScriptedEnv:
@@ -130,7 +154,7 @@ def test_high_level_window_sums_its_k_rewards_and_stops_at_episode_end():
     assert hr.terminated[slots].tolist() == [False, False, True, False, False]  # truncation bootstraps
     # next observations are the window ends, and each window carries the goal pursued during it
     assert [hr.obs[(s + 1) % hr.capacity][0] for s in slots] == [3, 6, 7, 3, 4]
-    low_goals = agent.replay.extras["goal"][np.flatnonzero(agent.replay.valid[:agent.replay.size])]
+    low_goals = agent.stored_goals(np.flatnonzero(agent.replay.valid[:agent.replay.size])).numpy()
     start = agent.target_goals(torch.as_tensor(hr.obs[slots[:1]]))[1]
     assert torch.allclose(agent.goal_from_action(start, torch.as_tensor(hr.action[slots[:1]]))[0],
                           torch.as_tensor(low_goals[0]))  # the high-level action is the goal pursued

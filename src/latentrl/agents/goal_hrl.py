@@ -202,10 +202,12 @@ class GoalHRL(Agent):
         self.n_candidates = int(planning.get("candidates", 8))
         self.plan_q_weight = float(planning.get("q_weight", 1.0))
 
-        # replay: low level stores every step with the goal it pursued; the high level stores one
-        # transition per k-step window (start obs, goal, summed reward, window length)
+        # replay: low level stores every step with what defines the goal it pursued (the manager's
+        # action u and the step's age in its window, which locates the window's start observation), so
+        # the goal is re-derived with the current EMA encoder at sample time instead of going stale;
+        # the high level stores one transition per k-step window (start obs, u, summed reward, length)
         self.replay = ReplayBuffer(buffer_size, obs_space.shape, obs_space.dtype, n_act, seed=seed,
-                                   extras={"goal": ((d,), np.float32)})
+                                   extras={"goal_action": ((d,), np.float32), "goal_age": ((), np.int64)})
         self.high_replay = ReplayBuffer(max(2, buffer_size // self.k + 2), obs_space.shape, obs_space.dtype, d,
                                         seed=seed + 1, extras={"steps": ((), np.int64)})
 
@@ -350,7 +352,8 @@ class GoalHRL(Agent):
     # ------------------------------------------------------------------ storing
     def observe(self, obs, action, reward, next_obs, terminated, truncated) -> None:
         s = self.state[True]
-        self.replay.add(obs, action, reward, next_obs, terminated, truncated, goal=s["goal"])
+        self.replay.add(obs, action, reward, next_obs, terminated, truncated, goal_action=s["action"],
+                        goal_age=s["t"] - 1)
         if self.pending is None:
             self.pending = {"obs": np.asarray(obs), "goal": s["goal"], "action": s["action"], "reward": 0.0, "steps": 0}
         self.pending["reward"] += float(reward)
@@ -383,13 +386,35 @@ class GoalHRL(Agent):
         with torch.no_grad():
             return self.contrastive.reward(achieved, goal)
 
+    def window_start_slots(self, idx: np.ndarray) -> np.ndarray:
+        """Replay slot of the observation that started the goal window of each transition slot. Where
+        that slot was already overwritten by a newer episode (the writer just wrapped past it; rare
+        with capacity >> k) the transition's own observation stands in."""
+        start = (idx - self.replay.extras["goal_age"][idx]) % self.replay.capacity
+        return np.where(self.replay.episode[start] == self.replay.episode[idx], start, idx)
+
+    @torch.no_grad()
+    def stored_goals(self, idx: np.ndarray) -> torch.Tensor:
+        """The goals pursued at transition slots idx, derived now from what defined them: the current
+        EMA latent of the window's start observation plus the offset of the stored action u."""
+        u = torch.as_tensor(self.replay.extras["goal_action"][idx], device=self.device)
+        if not self.relative_goals:
+            return u
+        start_obs = torch.as_tensor(self.replay.obs[self.window_start_slots(idx)], device=self.device)
+        return self.goal_from_action(self.target_goals(start_obs)[1], u)
+
     def sample_low(self) -> dict:
-        """A low-level batch with HER "future" goals: a `low.relabel_fraction` share of the stored
-        goals is replaced by the EMA encoding of a later observation of the same episode."""
+        """A low-level batch with HER "future" goals: a `low.relabel_fraction` share of the goals is
+        the EMA encoding of a later observation of the same episode, the rest the pursued goals
+        re-derived by stored_goals (only the rows that need each are encoded)."""
         b = self.replay.sample(self.batch_size, self.device)
         future = self.replay.sample_future(b["idx"])
         b["future_idx"] = future
         b["relabeled"] = torch.as_tensor(self.np_rng.random(self.batch_size) < self.low_relabel, device=self.device)
+        b["goal"] = torch.zeros(self.batch_size, self.goal_dim, device=self.device)
+        kept = np.flatnonzero(~b["relabeled"].cpu().numpy())
+        if len(kept):
+            b["goal"][kept] = self.stored_goals(b["idx"][kept])
         # encode only the future observations a loss needs (all of them for the contrastive critic)
         rows = (np.arange(self.batch_size) if self.contrastive is not None
                 else np.flatnonzero(b["relabeled"].cpu().numpy()))
