@@ -103,6 +103,24 @@ def test_her_goals_are_target_encodings_of_later_observations_of_the_same_episod
     assert torch.equal(b["goal"], agent.stored_goals(b["idx"]))
 
 
+@pytest.mark.parametrize("horizon", [None, 3])
+def test_her_goals_stay_within_the_configured_horizon_of_the_same_episode(horizon):
+    agent, env = build_agent("agent.low.relabel_fraction=1.0", "agent.k=5", "env.max_episode_steps=40",
+                             f"agent.low.her_horizon={'null' if horizon is None else horizon}")
+    collect(agent, env, 150)  # three full episodes and one running
+    limit = horizon or agent.k
+    rb = agent.replay
+    idx = rb.sample_idx(4000)
+    future = agent.sample_future(idx)
+    ahead = (future - idx) % rb.capacity
+    assert (rb.episode[future] == rb.episode[idx]).all()
+    assert ahead.min() == 1 and ahead.max() == limit  # the whole horizon is used, never more
+    last = np.where(rb.episode_last[idx] >= 0, rb.episode_last[idx], rb.ptr)
+    assert (ahead <= (last - idx) % rb.capacity).all()  # never past the episode's final observation
+    b = agent.sample_low()  # the batches the worker trains on use it
+    assert ((b["future_idx"] - b["idx"]) % rb.capacity <= limit).all()
+
+
 def test_stored_goals_are_derived_at_sample_time_from_the_current_ema_encoder():
     agent, env = build_agent("agent.k=4", "agent.low.relabel_fraction=0.0", "env.max_episode_steps=30")
     episodes = collect(agent, env, 70)

@@ -8,7 +8,8 @@ Two SAC levels share one observation encoder:
   and model targets so they do not chase themselves;
 - a **low level** pi(a|s,g), Q(s,a,g) (SACCore over [h(s), g]) rewarded for reaching the goal:
   r = -||E(s')-g||^2 / d, cos(E(s'), g) (Director), or an InfoNCE critic's similarity; trained on
-  replay with HER "future" relabeling (goals = EMA encodings of later observations, at sample time);
+  replay with HER "future" relabeling (goals = EMA encodings of observations up to her_horizon steps
+  later, at sample time);
 - a **goal transition model** f(g_t, h_t, a_t) -> (g_{t+1}, h_{t+1}): its error shapes the latent
   space (auxiliary loss) and it plans: the high level proposes candidates, f rolls each out k steps
   under the low-level policy, and the one predicted most reachable (traded off against Q_high) wins;
@@ -185,6 +186,7 @@ class GoalHRL(Agent):
 
         self.low = sac_core(low, feat_dim + d, n_act)
         self.low_relabel = float(low.get("relabel_fraction", 0.5))
+        self.her_horizon = int(low.get("her_horizon") or self.k)
         self.low_extrinsic = float(low.get("extrinsic_weight", 0.0))
         self.low_reward_scale = float(low.get("reward_scale", 1.0))
         self.high = sac_core(high, feat_dim, d)
@@ -386,6 +388,16 @@ class GoalHRL(Agent):
         with torch.no_grad():
             return self.contrastive.reward(achieved, goal)
 
+    def sample_future(self, idx: np.ndarray) -> np.ndarray:
+        """HER "future" slots: for each transition slot, a later observation of the same episode at
+        most `low.her_horizon` steps ahead (default k), i.e. a goal one window can reach, not one
+        hundreds of steps away."""
+        rb = self.replay
+        last = np.where(rb.episode_last[idx] >= 0, rb.episode_last[idx], rb.ptr)
+        span = np.minimum((last - idx) % rb.capacity, self.her_horizon)  # >= 1 for a transition slot
+        offset = np.minimum((self.np_rng.random(len(idx)) * span).astype(np.int64) + 1, span)
+        return (idx + offset) % rb.capacity
+
     def window_start_slots(self, idx: np.ndarray) -> np.ndarray:
         """Replay slot of the observation that started the goal window of each transition slot. Where
         that slot was already overwritten by a newer episode (the writer just wrapped past it; rare
@@ -408,7 +420,7 @@ class GoalHRL(Agent):
         the EMA encoding of a later observation of the same episode, the rest the pursued goals
         re-derived by stored_goals (only the rows that need each are encoded)."""
         b = self.replay.sample(self.batch_size, self.device)
-        future = self.replay.sample_future(b["idx"])
+        future = self.sample_future(b["idx"])
         b["future_idx"] = future
         b["relabeled"] = torch.as_tensor(self.np_rng.random(self.batch_size) < self.low_relabel, device=self.device)
         b["goal"] = torch.zeros(self.batch_size, self.goal_dim, device=self.device)
