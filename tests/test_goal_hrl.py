@@ -201,6 +201,43 @@ def test_high_level_batch_hindsight_actions_and_miss_penalty():
     assert torch.allclose(hb["discount"], agent.high.gamma ** (hb["steps"].float() / agent.k) * (1 - hb["terminated"]))
 
 
+def test_success_is_impossible_at_a_windows_first_step():
+    agent, env = build_agent("agent.k=5", "agent.high.adapt_scale=false", "agent.high.goal_scale=0.01")
+    obs = env.reset(seed=0)[0]
+    for episode in range(20):  # windows closed by an episode end right after their first step
+        agent.begin_episode(True)
+        action = agent.act(obs, explore=True)
+        agent.observe(obs, action, 0.0, obs, True, False)  # the worker has not moved yet
+    stats = agent.env_stats
+    assert max(stats["goal/start_distance"]) < 0.05  # the old absolute threshold 0.05 called all of these reached
+    assert stats["goal/relative_success"] == [0.0] * 20
+    assert np.allclose(stats["goal/progress"], 0.0, atol=1e-7)
+    # a window that ends on its goal succeeds and shows its progress
+    agent.begin_episode(True)
+    agent.act(obs, explore=True)
+    goal = torch.as_tensor(agent.state[True]["goal"])
+    monkey = agent.target_goals
+    agent.target_goals = lambda o: (None, goal.unsqueeze(0))
+    agent.observe(obs, np.zeros(1, np.float32), 0.0, obs, True, False)
+    agent.target_goals = monkey
+    assert stats["goal/relative_success"][-1] == 1.0 and stats["goal/progress"][-1] > 0
+
+
+def test_goal_scale_follows_the_measured_k_step_motion():
+    agent, env = build_agent("agent.k=4", "agent.high.scale_rate=0.5", "agent.high.scale_motion_mult=2.0")
+    assert agent.goal_scale == agent.init_goal_scale  # before any measurement
+    collect(agent, env, 80)
+    hb = agent.sample_high()
+    full = hb["steps"] == agent.k
+    start, end = agent.target_goals(hb["obs"][full])[1], agent.target_goals(hb["next_obs"][full])[1]
+    motion = (end - start).pow(2).mean().sqrt()
+    assert torch.allclose(agent.k_step_motion, motion)  # first measurement, bias-corrected
+    assert torch.allclose(torch.as_tensor(agent.goal_scale), 2.0 * motion)
+    u = torch.ones(1, agent.goal_dim)
+    assert torch.allclose(agent.goal_from_action(torch.zeros(1, agent.goal_dim), u), (2.0 * motion).clamp(max=1.0))
+    assert "motion_sum" in agent.state_dict() and "motion_weight" in agent.state_dict()  # checkpointed
+
+
 def test_planning_picks_the_candidate_f_predicts_most_reachable(monkeypatch):
     agent, env = build_agent("agent.planning.candidates=6", "agent.planning.q_weight=0")
     obs = agent.obs_tensor(env.reset(seed=0)[0])
@@ -287,7 +324,7 @@ def test_smoke_pendulum(tmp_path, reward):
                      "trainer.total_steps=160", "trainer.warmup_steps=60", "trainer.log_every=40"], tmp_path)
     assert np.isfinite(ret)
     keys = set().union(*_metrics(tmp_path))
-    for key in ["goal/window_distance", "goal/success_rate", "goal/f_error", "goal/plan_gain", "loss/low_critic",
+    for key in ["goal/window_distance", "goal/relative_success", "goal/progress", "goal/scale", "goal/f_error", "goal/plan_gain", "loss/low_critic",
                 "loss/high_critic", "loss/goal_f", "loss/recon", "train/low_alpha", "train/high_alpha"]:
         assert key in keys, key
 

@@ -20,7 +20,9 @@ Two SAC levels share one observation encoder:
   was missed costs `reach_penalty` x the miss distance, so the manager learns to propose goals the
   worker can reach. Goals are relative by default, as in HIRO: g = clip(E(s) + goal_scale * u, -1, 1),
   so even an untrained, high-entropy manager proposes goals near states the worker can reach
-  (absolute goals g = u are the alternative).
+  (absolute goals g = u are the alternative); goal_scale follows the measured k-step motion of the
+  latent, so a goal's reach means "about one window's travel" whatever the encoder's scale. A window
+  succeeds when it ends closer to its goal than `success_ratio` x where it started.
 
 One update() computes every loss that touches the encoder on the same batch and takes one
 backward pass: on a CPU the encoder forward is the cost that matters.
@@ -144,7 +146,7 @@ class GoalHRL(Agent):
     def __init__(self, encoder: nn.Module, obs_space: gym.spaces.Box, action_space: gym.spaces.Box,
                  device: str = "cpu", seed: int = 0, goal_dim: int = 64, k: int = 10, reward: str = "distance",
                  lr: float = 3e-4, batch_size: int = 256, buffer_size: int = 1_000_000, encoder_tau: float = 0.01,
-                 augment_pad: int = 4, actor_update_every: int = 1, success_threshold: float = 0.05,
+                 augment_pad: int = 4, actor_update_every: int = 1, success_ratio: float = 0.5,
                  low=None, high=None, model=None, decoder=None, contrastive=None, planning=None):
         super().__init__(action_space, device, seed)
         self.seed = int(seed)
@@ -153,7 +155,7 @@ class GoalHRL(Agent):
         self._validate(goal_dim, k, reward, low, high, planning)
         self.goal_dim, self.k, self.reward_type = int(goal_dim), int(k), reward
         self.batch_size, self.actor_update_every = int(batch_size), int(actor_update_every)
-        self.encoder_tau, self.success_threshold = float(encoder_tau), float(success_threshold)
+        self.encoder_tau, self.success_ratio = float(encoder_tau), float(success_ratio)
         self.is_pixel = bool(getattr(encoder, "is_pixel", False))
         self.augment_pad = int(augment_pad) if self.is_pixel else 0
         self.obs_shape = tuple(obs_space.shape)
@@ -198,7 +200,15 @@ class GoalHRL(Agent):
         self.high_update_every = int(high.get("update_every", 1))
         self.high_trains_encoder = bool(high.get("critic_trains_encoder", True))
         self.relative_goals = high.get("goal_space", "relative") == "relative"
-        self.goal_scale = float(high.get("goal_scale", 0.25))
+        # reach of a relative goal: fixed, or calibrated to the measured k-step latent motion (a
+        # bias-corrected running mean of the RMS per dimension of z_{t+k} - z_t, in buffers so it
+        # is checkpointed with the networks)
+        self.init_goal_scale = float(high.get("goal_scale", 0.25))
+        self.adapt_scale = bool(high.get("adapt_scale", True))
+        self.scale_motion_mult = float(high.get("scale_motion_mult", 2.0))
+        self.scale_rate = float(high.get("scale_rate", 0.01))
+        self.register_buffer("motion_sum", torch.zeros(()))
+        self.register_buffer("motion_weight", torch.zeros(()))
         self.optimizers = {**self.low.optimizers("low_"), **self.high.optimizers("high_"), "model": self.model_opt}
 
         self.n_candidates = int(planning.get("candidates", 8))
@@ -214,7 +224,7 @@ class GoalHRL(Agent):
                                         seed=seed + 1, extras={"steps": ((), np.int64)})
 
         # acting state, kept apart for training (explore=True) and evaluation episodes
-        self.state = {True: {"goal": None, "action": None, "t": 0}, False: {"goal": None, "action": None, "t": 0}}
+        self.state = {True: self._fresh_state(), False: self._fresh_state()}
         self.pending: dict | None = None  # the open high-level window of the training episode
         self.env_stats: dict[str, list[float]] = {}  # env-time goal/ metrics, emitted by the next update()
         self.num_updates = 0
@@ -254,6 +264,26 @@ class GoalHRL(Agent):
         """(h, g) of the EMA goal encoder: rewards, HER goals, model targets."""
         return self.goal_encoder_target(obs)
 
+    @property
+    def k_step_motion(self) -> torch.Tensor:
+        """Running RMS per goal dimension of the EMA latent's motion over a full k-step window (nan
+        before the first measurement)."""
+        return self.motion_sum / self.motion_weight
+
+    @property
+    def goal_scale(self) -> torch.Tensor | float:
+        if self.adapt_scale and self.motion_weight > 0:
+            return self.scale_motion_mult * self.k_step_motion
+        return self.init_goal_scale
+
+    @torch.no_grad()
+    def record_motion(self, start: torch.Tensor, end: torch.Tensor) -> None:
+        """Fold one batch of full-window (start, end) latents into the k-step motion estimate."""
+        if len(start):
+            motion = goal_distance(end, start).mean().sqrt()
+            self.motion_sum.mul_(1 - self.scale_rate).add_(self.scale_rate * motion)
+            self.motion_weight.mul_(1 - self.scale_rate).add_(self.scale_rate)
+
     def goal_from_action(self, g_start: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """High-level action u in [-1,1]^d -> the goal the low level pursues."""
         return (g_start + self.goal_scale * u).clamp(-1.0, 1.0) if self.relative_goals else u
@@ -263,8 +293,19 @@ class GoalHRL(Agent):
         return ((goal - g_start) / self.goal_scale).clamp(-1.0, 1.0) if self.relative_goals else goal
 
     # ------------------------------------------------------------------ acting
+    @staticmethod
+    def _fresh_state() -> dict:
+        return {"goal": None, "action": None, "t": 0, "start_dist": 0.0}
+
+    def _open_window(self, explore: bool, g_start: torch.Tensor, u: torch.Tensor, goal: torch.Tensor) -> None:
+        """Adopt a new goal; its distance from the start latent is what the window's success and
+        progress are measured against."""
+        s = self.state[explore]
+        s["action"], s["goal"], s["t"] = u[0].cpu().numpy(), goal[0].cpu().numpy(), 0
+        s["start_dist"] = float(goal_distance(g_start, goal)[0])
+
     def begin_episode(self, explore: bool) -> None:
-        self.state[explore] = {"goal": None, "action": None, "t": 0}
+        self.state[explore] = self._fresh_state()
         if explore:
             self.pending = None
         else:
@@ -281,8 +322,8 @@ class GoalHRL(Agent):
         if self._new_window(True):
             u = torch.as_tensor(self.np_rng.uniform(-1.0, 1.0, (1, self.goal_dim)), dtype=torch.float32,
                                 device=self.device)
-            goal = self.goal_from_action(self.target_goals(self.obs_tensor(obs))[1], u)
-            s["action"], s["goal"], s["t"] = u[0].cpu().numpy(), goal[0].cpu().numpy(), 0
+            g_start = self.target_goals(self.obs_tensor(obs))[1]
+            self._open_window(True, g_start, u, self.goal_from_action(g_start, u))
         s["t"] += 1
         return self.np_rng.uniform(-1.0, 1.0, self.action_dim).astype(np.float32)
 
@@ -291,8 +332,9 @@ class GoalHRL(Agent):
         s = self.state[explore]
         h, g = self.goal_encoder(self.obs_tensor(obs))
         if self._new_window(explore):
-            u, goal = self.choose_goal(h, g, self.target_goals(self.obs_tensor(obs))[1], explore)
-            s["action"], s["goal"], s["t"] = u[0].cpu().numpy(), goal[0].cpu().numpy(), 0
+            g_start = self.target_goals(self.obs_tensor(obs))[1]
+            u, goal = self.choose_goal(h, g, g_start, explore)
+            self._open_window(explore, g_start, u, goal)
         s["t"] += 1
         goal = torch.as_tensor(s["goal"], device=self.device).unsqueeze(0)
         return self.low.act(torch.cat([h, goal], -1), explore)[0].cpu().numpy()
@@ -357,7 +399,8 @@ class GoalHRL(Agent):
         self.replay.add(obs, action, reward, next_obs, terminated, truncated, goal_action=s["action"],
                         goal_age=s["t"] - 1)
         if self.pending is None:
-            self.pending = {"obs": np.asarray(obs), "goal": s["goal"], "action": s["action"], "reward": 0.0, "steps": 0}
+            self.pending = {"obs": np.asarray(obs), "goal": s["goal"], "action": s["action"], "reward": 0.0, "steps": 0,
+                            "start_dist": s["start_dist"]}
         self.pending["reward"] += float(reward)
         self.pending["steps"] += 1
         if self.pending["steps"] >= self.k or terminated or truncated:
@@ -365,14 +408,19 @@ class GoalHRL(Agent):
 
     def _close_window(self, next_obs, terminated: bool, truncated: bool) -> None:
         """One high-level transition: the rewards of exactly the steps this window covered; an episode
-        end closes it early (terminated: no bootstrap; truncated: bootstrap from next_obs)."""
+        end closes it early (terminated: no bootstrap; truncated: bootstrap from next_obs).
+        Success is relative: the end distance must fall below success_ratio x the start distance, so a
+        goal proposed next to the current latent does not count as reached before the worker moves."""
         p = self.pending
         self.high_replay.add(p["obs"], p["action"], p["reward"], next_obs, terminated, truncated, steps=p["steps"])
         with torch.no_grad():
             achieved = self.target_goals(self.obs_tensor(next_obs))[1][0]
             dist = float(goal_distance(achieved, torch.as_tensor(p["goal"], device=self.device)))
+        start = float(p["start_dist"])
         self._stat("goal/window_distance", dist)
-        self._stat("goal/success_rate", float(dist < self.success_threshold))
+        self._stat("goal/start_distance", start)
+        self._stat("goal/progress", start - dist)
+        self._stat("goal/relative_success", float(dist < self.success_ratio * start))
         self.pending = None
         self.state[True]["t"] = self.k  # the next act() starts a new window
 
@@ -444,7 +492,12 @@ class GoalHRL(Agent):
         relabeled). Achieved goals and next-state features come from the EMA encoder."""
         hb = self.high_replay.sample(self.high_batch, self.device)
         hb["next_feat"], achieved = self.target_goals(hb["next_obs"])
-        start = self.target_goals(hb["obs"])[1] if self.relative_goals else None
+        start = self.target_goals(hb["obs"])[1] if self.relative_goals or self.adapt_scale else None
+        if self.adapt_scale:
+            full = hb["steps"] == self.k
+            self.record_motion(start[full], achieved[full])
+        if not self.relative_goals:
+            start = None
         relabel = torch.as_tensor(self.np_rng.random(len(achieved)) < self.high_relabel, device=self.device)
         hb["stored_action"] = hb["action"]
         hb["action"] = torch.where(relabel.unsqueeze(-1), self.action_from_goal(start, achieved), hb["action"])
@@ -493,7 +546,9 @@ class GoalHRL(Agent):
                                                          hb["discount"])
             total = total + high_loss
             metrics.update({"loss/high_critic": high_loss.detach(), "train/high_q_mean": high_info["q_mean"],
-                            "goal/high_miss_distance": hb["missed"].mean()})
+                            "goal/high_miss_distance": hb["missed"].mean(), "goal/scale": float(self.goal_scale)})
+            if self.motion_weight > 0:
+                metrics["goal/k_step_motion"] = float(self.k_step_motion)
 
         for opt in (self.low.critic_opt, self.high.critic_opt, self.model_opt):
             opt.zero_grad(set_to_none=True)
