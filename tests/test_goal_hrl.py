@@ -198,7 +198,57 @@ def test_high_level_batch_hindsight_actions_and_miss_penalty():
     missed = (agent.target_goals(hb["next_obs"])[1] - proposed).pow(2).mean(-1)
     idx = hb["idx"]
     assert torch.allclose(hb["reward"], 0.5 * torch.as_tensor(agent.high_replay.reward[idx]) - 2.0 * missed, atol=1e-5)
-    assert torch.allclose(hb["discount"], agent.high.gamma ** (hb["steps"].float() / agent.k) * (1 - hb["terminated"]))
+    assert torch.allclose(hb["discount"], agent.high_gamma ** hb["steps"].float() * (1 - hb["terminated"]))
+
+
+def test_manager_discount_is_per_step_consistent():
+    agent, _ = build_agent("agent.k=5", "agent.low.gamma=0.9")
+    assert agent.high_gamma == 0.9  # default: the worker's per-step discount
+    collect(agent, ScriptedEnv(12, terminated=False), 12)  # windows of 5, 5 and 2 steps
+    hb = agent.high_replay.gather(np.flatnonzero(agent.high_replay.valid[:agent.high_replay.size]))
+    agent.high_replay.sample = lambda n, device: hb  # that batch, in order
+    assert torch.allclose(agent.sample_high()["discount"], torch.tensor([0.9 ** 5, 0.9 ** 5, 0.9 ** 2]))
+    agent, _ = build_agent("agent.k=5", "agent.high.gamma=0.99")
+    assert agent.high_gamma == 0.99
+
+
+def test_worker_reward_terms_are_normalised_by_their_running_spread():
+    agent, _ = build_agent("agent.low.extrinsic_weight=2.0", "agent.low.reward_scale=0.5")
+    goal_r, env_r = 0.01 * torch.randn(256), 3.0 * torch.randn(256) + 1.0
+    r = agent.worker_reward(goal_r, env_r)  # first batch: the running spreads are its own std
+    assert torch.allclose(r, 0.5 * goal_r / goal_r.std() + 2.0 * env_r / env_r.std(), rtol=1e-3, atol=1e-4)
+    agent.low_normalize = False
+    assert torch.allclose(agent.worker_reward(goal_r, env_r), 0.5 * goal_r + 2.0 * env_r)
+
+
+def test_manager_critic_gradient_into_the_encoder_is_balanced():
+    agent, env = build_agent("agent.high.encoder_weight=0.5")
+    collect(agent, env, 60)
+    agent.low_loss_scale.update(torch.tensor(2.0))
+    agent.high_loss_scale.update(torch.tensor(400.0))
+    assert agent.high_encoder_grad_weight() == pytest.approx(0.5 * 2.0 / 400.0)
+    agent.high_loss_scale = type(agent.high_loss_scale)()
+    agent.high_loss_scale.update(torch.tensor(1.0))  # a manager loss below the worker's is not scaled up
+    assert agent.high_encoder_grad_weight() == pytest.approx(0.5)
+    agent.high_trains_encoder = False
+    assert agent.high_encoder_grad_weight() == 0.0
+    agent.high_trains_encoder = True
+    # in update(): the critic learns at full rate, only the encoder's share of its gradient shrinks
+    grads = {}
+    for w in (1.0, 0.25):
+        torch.manual_seed(0)  # same networks, same samples
+        a, e = build_agent(f"agent.high.encoder_weight={w}")
+        collect(a, e, 60)
+        a.low_loss_scale.update(torch.tensor(1e9))  # ratio capped at 1: weight = encoder_weight
+        a.model_opt.step = a.low.critic_opt.step = a.high.critic_opt.step = lambda: None  # keep the grads
+        a.f_weight, a.recon_weight = 0.0, 0.0  # only the critics' gradients reach the encoder ...
+        a.low.critic_loss = lambda *args: (torch.zeros((), requires_grad=True), {"q_mean": torch.zeros(())})
+        a.update(0)  # ... and of those only the manager's
+        grads[w] = (a.goal_encoder.trunk.parameters().__next__().grad.clone(),
+                    next(a.high.critic.parameters()).grad.clone())
+    assert grads[1.0][0].abs().sum() > 0
+    assert torch.allclose(grads[0.25][0], 0.25 * grads[1.0][0], rtol=1e-3, atol=1e-8)
+    assert torch.allclose(grads[0.25][1], grads[1.0][1], rtol=1e-4, atol=1e-7)
 
 
 def test_success_is_impossible_at_a_windows_first_step():
@@ -235,7 +285,7 @@ def test_goal_scale_follows_the_measured_k_step_motion():
     assert torch.allclose(torch.as_tensor(agent.goal_scale), 2.0 * motion)
     u = torch.ones(1, agent.goal_dim)
     assert torch.allclose(agent.goal_from_action(torch.zeros(1, agent.goal_dim), u), (2.0 * motion).clamp(max=1.0))
-    assert "motion_sum" in agent.state_dict() and "motion_weight" in agent.state_dict()  # checkpointed
+    assert {"motion.sum", "motion.weight"} <= agent.state_dict().keys()  # checkpointed with the networks
 
 
 def test_planning_picks_the_candidate_f_predicts_most_reachable(monkeypatch):

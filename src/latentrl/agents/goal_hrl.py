@@ -137,6 +137,30 @@ def _prefixed(metrics: dict, level: str) -> dict:
     return {k.replace("/", f"/{level}_", 1): v for k, v in metrics.items()}
 
 
+class RunningMean(nn.Module):
+    """Bias-corrected exponential running mean of a scalar (a latent's motion, a reward's spread, a
+    loss's magnitude); buffers, so it is checkpointed with the networks. nan before the first value."""
+
+    def __init__(self, rate: float = 0.01):
+        super().__init__()
+        self.rate = float(rate)
+        self.register_buffer("sum", torch.zeros(()))
+        self.register_buffer("weight", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, value: torch.Tensor) -> None:
+        self.sum.mul_(1 - self.rate).add_(self.rate * value.detach().float())
+        self.weight.mul_(1 - self.rate).add_(self.rate)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.weight > 0)
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self.sum / self.weight
+
+
 def _zscore(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean()) / (x.std() + 1e-6) if len(x) > 1 else torch.zeros_like(x)
 
@@ -183,7 +207,7 @@ class GoalHRL(Agent):
         # update with the gradients of both critics, reconstruction and f summed
         def sac_core(cfg: dict, in_dim: int, out_dim: int) -> SACCore:
             return SACCore(in_dim, out_dim, tuple(cfg.get("hidden_dims", (256, 256))), float(cfg.get("lr", lr)),
-                           float(cfg.get("gamma", 0.99)), float(cfg.get("tau", 0.005)),
+                           float(cfg.get("gamma") or low.get("gamma") or 0.99), float(cfg.get("tau", 0.005)),
                            float(cfg.get("init_temperature", 0.1)), cfg.get("target_entropy"))
 
         self.low = sac_core(low, feat_dim + d, n_act)
@@ -191,6 +215,9 @@ class GoalHRL(Agent):
         self.her_horizon = int(low.get("her_horizon") or self.k)
         self.low_extrinsic = float(low.get("extrinsic_weight", 0.0))
         self.low_reward_scale = float(low.get("reward_scale", 1.0))
+        # goal and env rewards each divided by their running batch spread, so neither drowns the other
+        self.low_normalize = bool(low.get("normalize_rewards", True))
+        self.goal_reward_spread, self.env_reward_spread = RunningMean(), RunningMean()
         self.high = sac_core(high, feat_dim, d)
         self.high_correction = high.get("correction", "hac")
         self.high_relabel = float(high.get("relabel_fraction", 0.5)) if self.high_correction == "hac" else 0.0
@@ -199,6 +226,11 @@ class GoalHRL(Agent):
         self.high_batch = int(high.get("batch_size", self.batch_size))
         self.high_update_every = int(high.get("update_every", 1))
         self.high_trains_encoder = bool(high.get("critic_trains_encoder", True))
+        self.high_encoder_weight = float(high.get("encoder_weight", 1.0))
+        self.low_loss_scale, self.high_loss_scale = RunningMean(), RunningMean()
+        # per-step discount of the manager's return (a window of n steps discounts gamma^n): its
+        # horizon in env steps then matches the worker's whatever k is
+        self.high_gamma = self.high.gamma
         self.relative_goals = high.get("goal_space", "relative") == "relative"
         # reach of a relative goal: fixed, or calibrated to the measured k-step latent motion (a
         # bias-corrected running mean of the RMS per dimension of z_{t+k} - z_t, in buffers so it
@@ -206,9 +238,7 @@ class GoalHRL(Agent):
         self.init_goal_scale = float(high.get("goal_scale", 0.25))
         self.adapt_scale = bool(high.get("adapt_scale", True))
         self.scale_motion_mult = float(high.get("scale_motion_mult", 2.0))
-        self.scale_rate = float(high.get("scale_rate", 0.01))
-        self.register_buffer("motion_sum", torch.zeros(()))
-        self.register_buffer("motion_weight", torch.zeros(()))
+        self.motion = RunningMean(float(high.get("scale_rate", 0.01)))
         self.optimizers = {**self.low.optimizers("low_"), **self.high.optimizers("high_"), "model": self.model_opt}
 
         self.n_candidates = int(planning.get("candidates", 8))
@@ -268,11 +298,11 @@ class GoalHRL(Agent):
     def k_step_motion(self) -> torch.Tensor:
         """Running RMS per goal dimension of the EMA latent's motion over a full k-step window (nan
         before the first measurement)."""
-        return self.motion_sum / self.motion_weight
+        return self.motion.value
 
     @property
     def goal_scale(self) -> torch.Tensor | float:
-        if self.adapt_scale and self.motion_weight > 0:
+        if self.adapt_scale and self.motion.ready:
             return self.scale_motion_mult * self.k_step_motion
         return self.init_goal_scale
 
@@ -280,9 +310,7 @@ class GoalHRL(Agent):
     def record_motion(self, start: torch.Tensor, end: torch.Tensor) -> None:
         """Fold one batch of full-window (start, end) latents into the k-step motion estimate."""
         if len(start):
-            motion = goal_distance(end, start).mean().sqrt()
-            self.motion_sum.mul_(1 - self.scale_rate).add_(self.scale_rate * motion)
-            self.motion_weight.mul_(1 - self.scale_rate).add_(self.scale_rate)
+            self.motion.update(goal_distance(end, start).mean().sqrt())
 
     def goal_from_action(self, g_start: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """High-level action u in [-1,1]^d -> the goal the low level pursues."""
@@ -436,6 +464,27 @@ class GoalHRL(Agent):
         with torch.no_grad():
             return self.contrastive.reward(achieved, goal)
 
+    def worker_reward(self, goal_r: torch.Tensor, env_r: torch.Tensor) -> torch.Tensor:
+        """reward_scale x goal reward + extrinsic_weight x env reward; with low.normalize_rewards each
+        term is first divided by its running batch spread, so the weights mean what they say (on
+        CarRacing the raw track reward is ~40x the goal reward's scale)."""
+        if self.low_normalize:
+            self.goal_reward_spread.update(goal_r.std())
+            goal_r = goal_r / (self.goal_reward_spread.value + 1e-6)
+            if self.low_extrinsic:
+                self.env_reward_spread.update(env_r.std())
+                env_r = env_r / (self.env_reward_spread.value + 1e-6)
+        return self.low_reward_scale * goal_r + self.low_extrinsic * env_r
+
+    def high_encoder_grad_weight(self) -> float:
+        """Weight of the manager critic's gradient into the shared encoder: `high.encoder_weight`,
+        shrunk so the manager's critic loss weighs at most that times the worker's (running
+        magnitudes); its own Q values (~100s) otherwise dominate the encoder's training signal."""
+        if not self.high_trains_encoder:
+            return 0.0
+        ratio = float(self.low_loss_scale.value / (self.high_loss_scale.value + 1e-8))
+        return self.high_encoder_weight * min(1.0, ratio)
+
     def sample_future(self, idx: np.ndarray) -> np.ndarray:
         """HER "future" slots: for each transition slot, a later observation of the same episode at
         most `low.her_horizon` steps ahead (default k), i.e. a goal one window can reach, not one
@@ -503,7 +552,7 @@ class GoalHRL(Agent):
         hb["action"] = torch.where(relabel.unsqueeze(-1), self.action_from_goal(start, achieved), hb["action"])
         hb["missed"] = goal_distance(achieved, self.goal_from_action(start, hb["action"]))
         hb["reward"] = self.high_reward_scale * hb["reward"] - self.reach_penalty * hb["missed"]
-        hb["discount"] = self.high.gamma ** (hb["steps"].float() / self.k) * (1.0 - hb["terminated"])
+        hb["discount"] = self.high_gamma ** hb["steps"].float() * (1.0 - hb["terminated"])
         hb["relabeled"] = relabel
         return hb
 
@@ -519,7 +568,7 @@ class GoalHRL(Agent):
         h, g = self.goal_encoder(obs_in)
         h_next_t, g_next_t = self.target_goals(b["next_obs"])
         goal = b["goal"]
-        reward = self.low_reward_scale * self.goal_reward(g_next_t, goal) + self.low_extrinsic * b["reward"]
+        reward = self.worker_reward(self.goal_reward(g_next_t, goal), b["reward"])
         low_loss, low_info = self.low.critic_loss(torch.cat([h, goal], -1), b["action"], reward,
                                                   torch.cat([h_next_t, goal], -1),
                                                   self.low.gamma * (1.0 - b["terminated"]))
@@ -544,10 +593,16 @@ class GoalHRL(Agent):
                 h_hi = h_hi.detach()
             high_loss, high_info = self.high.critic_loss(h_hi, hb["action"], hb["reward"], hb["next_feat"],
                                                          hb["discount"])
+            self.low_loss_scale.update(low_loss)
+            self.high_loss_scale.update(high_loss)
+            enc_weight = self.high_encoder_grad_weight()
+            if self.high_trains_encoder:  # the critic itself learns at full rate; only the encoder's share shrinks
+                h_hi.register_hook(lambda grad: grad * enc_weight)
             total = total + high_loss
+            metrics["goal/high_encoder_weight"] = enc_weight
             metrics.update({"loss/high_critic": high_loss.detach(), "train/high_q_mean": high_info["q_mean"],
                             "goal/high_miss_distance": hb["missed"].mean(), "goal/scale": float(self.goal_scale)})
-            if self.motion_weight > 0:
+            if self.motion.ready:
                 metrics["goal/k_step_motion"] = float(self.k_step_motion)
 
         for opt in (self.low.critic_opt, self.high.critic_opt, self.model_opt):
