@@ -288,6 +288,71 @@ def test_goal_scale_follows_the_measured_k_step_motion():
     assert {"motion.sum", "motion.weight"} <= agent.state_dict().keys()  # checkpointed with the networks
 
 
+def test_f_multistep_loss_uses_the_real_actions_and_stops_at_episode_ends():
+    agent, env = build_agent("agent.k=4", "env.max_episode_steps=6", "agent.model.rollout_batch=64")
+    collect(agent, env, 20)  # episodes of 6 steps: many 4-step rollouts cross an episode end
+    rb = agent.replay
+    idx = np.flatnonzero(rb.valid[:rb.size])
+    seen = []
+    real_f = agent.f.forward
+    agent.f.forward = lambda g, h, a: (seen.append(a.clone()), real_f(g, h, a))[1]
+
+    def loss(ix=idx):
+        seen.clear()
+        h, g = agent.goal_encoder(torch.as_tensor(rb.obs[ix]))
+        h_next, g_next = agent.target_goals(torch.as_tensor(rb.obs[(ix + 1) % rb.capacity]))
+        return agent.f_rollout_loss(ix, h, g, h_next, g_next)[0]
+
+    loss()
+    assert len(seen) == agent.k  # one call per step
+    slots, mask = agent.sequence_slots(idx, agent.k)
+    step_in_episode = idx - np.array([np.flatnonzero(rb.episode[:rb.size] == e)[0] for e in rb.episode[idx]])
+    ep_len = np.array([(rb.valid[:rb.size] & (rb.episode[:rb.size] == e)).sum() for e in rb.episode[idx]])  # 6, or 2 running
+    remaining = np.minimum(ep_len - step_in_episode, agent.k)  # transitions left in the episode (max k)
+    assert np.array_equal(mask.sum(1), remaining) and (np.diff(mask, axis=1) <= 0).all()
+    for j, actions in enumerate(seen):
+        rows = mask[:, j] > 0
+        assert torch.equal(actions[rows], torch.as_tensor(rb.action[idx[rows] + j]))  # the real actions
+    # rollouts from the first episode: what the later episodes hold does not change their loss
+    first = idx[rb.episode[idx] == 0]
+    before = loss(first)
+    later = np.flatnonzero(rb.episode[:rb.size] > 0)
+    saved = rb.action.copy(), rb.obs.copy()
+    rb.action[later] += 5.0
+    rb.obs[later] += 3.0
+    assert torch.allclose(loss(first), before)
+    rb.action[:], rb.obs[:] = saved
+    # and it matches the masked mean over (row, step) of f's own multi-step predictions
+    agent.f.forward = real_f
+    with torch.no_grad():
+        h, g = agent.goal_encoder(torch.as_tensor(rb.obs[idx]))
+        total, count = 0.0, 0.0
+        for j in range(agent.k):
+            g, h = agent.f(g, h, torch.as_tensor(rb.action[slots[:, j]]))
+            ht, gt = agent.target_goals(torch.as_tensor(rb.obs[(slots[:, j] + 1) % rb.capacity]))
+            err = (g - gt).pow(2).mean(-1) + (h - ht).pow(2).mean(-1)
+            total, count = total + (err * torch.as_tensor(mask[:, j])).sum(), count + mask[:, j].sum()
+    assert torch.allclose(loss(), total / count, rtol=1e-5)
+
+
+def test_planning_scores_are_raw_q_minus_priced_miss(monkeypatch):
+    agent, env = build_agent("agent.planning.candidates=5", "agent.planning.q_weight=2.0",
+                             "agent.planning.dist_weight=3.0")
+    obs = agent.obs_tensor(env.reset(seed=0)[0])
+    h, g = agent.goal_encoder(obs)
+    dist = torch.tensor([0.5, 0.1, 0.2, 0.3, 0.4])
+    # raw: 2*0.1 - 3*0.2 = -0.4 loses to 2*0 - 3*0.1 = -0.3; z-scored, the small Q gap would become ~2 std and win
+    q = torch.tensor([0.0, 0.0, 0.1, 0.0, 0.0])
+    monkeypatch.setattr(agent, "plan_distances", lambda *a: dist)
+    monkeypatch.setattr(agent.high.critic, "forward", lambda hs, a: q.expand(2, -1))
+    seen = {}
+    real = agent.goal_from_action
+    monkeypatch.setattr(agent, "goal_from_action", lambda s, u: (seen.setdefault("u", u.clone()), real(s, u))[1])
+    with torch.no_grad():
+        u, _ = agent.choose_goal(h, g, agent.target_goals(obs)[1], explore=True)
+    assert torch.equal(u[0], seen["u"][1])
+
+
 def test_planning_picks_the_candidate_f_predicts_most_reachable(monkeypatch):
     agent, env = build_agent("agent.planning.candidates=6", "agent.planning.q_weight=0")
     obs = agent.obs_tensor(env.reset(seed=0)[0])

@@ -10,8 +10,8 @@ Two SAC levels share one observation encoder:
   r = -||E(s')-g||^2 / d, cos(E(s'), g) (Director), or an InfoNCE critic's similarity; trained on
   replay with HER "future" relabeling (goals = EMA encodings of observations up to her_horizon steps
   later, at sample time);
-- a **goal transition model** f(g_t, h_t, a_t) -> (g_{t+1}, h_{t+1}): its error shapes the latent
-  space (auxiliary loss) and it plans: the high level proposes candidates, f rolls each out k steps
+- a **goal transition model** f(g_t, h_t, a_t) -> (g_{t+1}, h_{t+1}), trained on multi-step
+  rollouts of the real actions (as it is used): its error shapes the latent space (auxiliary loss) and it plans: the high level proposes candidates, f rolls each out k steps
   under the low-level policy, and the one predicted most reachable (traded off against Q_high) wins;
 - a **high level** (SACCore over h(s), squashed actions u in [-1,1]^d) choosing a goal every k
   steps, trained on the extrinsic reward summed over the window, with HAC's hindsight action
@@ -161,10 +161,6 @@ class RunningMean(nn.Module):
         return self.sum / self.weight
 
 
-def _zscore(x: torch.Tensor) -> torch.Tensor:
-    return (x - x.mean()) / (x.std() + 1e-6) if len(x) > 1 else torch.zeros_like(x)
-
-
 # ----------------------------------------------------------------------------- the agent
 class GoalHRL(Agent):
     def __init__(self, encoder: nn.Module, obs_space: gym.spaces.Box, action_space: gym.spaces.Box,
@@ -194,6 +190,8 @@ class GoalHRL(Agent):
         self.recon_batch = decoder.get("batch_size") or self.batch_size
         self.f = GoalTransitionModel(d, feat_dim, n_act, tuple(model.get("hidden_dims", (256, 256))))
         self.f_weight = float(model.get("aux_weight", 1.0))
+        self.f_horizon = int(model.get("horizon") or self.k)  # planning rolls f out k steps: train it so
+        self.f_batch = int(model.get("rollout_batch", 32))
         self.contrastive = (ContrastiveReward(d, tuple(contrastive.get("hidden_dims", (256,))),
                                               int(contrastive.get("embed_dim", 64)),
                                               float(contrastive.get("temperature", 0.1)))
@@ -243,6 +241,8 @@ class GoalHRL(Agent):
 
         self.n_candidates = int(planning.get("candidates", 8))
         self.plan_q_weight = float(planning.get("q_weight", 1.0))
+        dist_weight = planning.get("dist_weight")
+        self.plan_dist_weight = float(high.get("reach_penalty", 1.0) if dist_weight is None else dist_weight)
 
         # replay: low level stores every step with what defines the goal it pursued (the manager's
         # action u and the step's age in its window, which locates the window's start observation), so
@@ -383,8 +383,10 @@ class GoalHRL(Agent):
                     explore: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(high-level action, goal) for the next k steps from h, g (online encoder) and g_target
         (EMA encoder: relative goals are offsets from it). With planning, the actor proposes
-        candidates (evaluation: its mean first, then samples) and the one f predicts most reachable
-        wins, traded off against Q_high; both terms are z-scored across candidates so neither scale rules."""
+        candidates (evaluation: its mean first, then samples) and the best one wins by
+        q_weight x Q_high - dist_weight x the miss distance f predicts. Both terms are in the manager's
+        reward units (dist_weight defaults to reach_penalty, what a missed goal costs it) and are not
+        normalised across candidates: z-scoring near-identical candidates turned noise into choices."""
         if self.n_candidates == 0:
             u = self.high.act(h, explore)
             return u, self.goal_from_action(g_target, u)
@@ -396,9 +398,9 @@ class GoalHRL(Agent):
             actions[0] = self.high.act(h, explore=False)[0]
         candidates = self.goal_from_action(g_target, actions)
         dist = self.plan_distances(h, g, candidates)
-        score = -_zscore(dist)
+        score = -self.plan_dist_weight * dist
         if self.plan_q_weight:
-            score = score + self.plan_q_weight * _zscore(self.high.critic(hs, actions).min(0).values)
+            score = score + self.plan_q_weight * self.high.critic(hs, actions).min(0).values
         best = int(score.argmax())
         if explore:
             self._stat("goal/plan_dist_chosen", dist[best])
@@ -495,6 +497,46 @@ class GoalHRL(Agent):
         offset = np.minimum((self.np_rng.random(len(idx)) * span).astype(np.int64) + 1, span)
         return (idx + offset) % rb.capacity
 
+    def sequence_slots(self, idx: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+        """Slots of `horizon` consecutive transitions from each start slot, and a cumulative mask that
+        drops to 0 from the first one that is not a transition of the same episode (after its end,
+        at the running episode's current observation, or where a newer episode overwrote it)."""
+        rb = self.replay
+        slots = (idx[:, None] + np.arange(horizon)[None, :]) % rb.capacity
+        same = rb.valid[slots] & (rb.episode[slots] == rb.episode[idx][:, None])
+        return slots, np.cumprod(same, axis=1).astype(np.float32)
+
+    def f_rollout_loss(self, idx: np.ndarray, h: torch.Tensor, g: torch.Tensor, h_next_t: torch.Tensor,
+                       g_next_t: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Prediction loss of f rolled out on its own predictions with the real stored actions, as
+        planning uses it: one step on the whole batch (h, g: online features of the transitions idx;
+        *_next_t: EMA targets), `model.horizon` steps on its first `model.rollout_batch` rows, each
+        step scored against the EMA encoding of the observation actually reached; steps past an
+        episode end are masked out. Loss: mean squared error over goal and feature dims, averaged
+        over every valid (row, step)."""
+        rb = self.replay
+        actions = torch.as_tensor(rb.action[idx], device=self.device)
+        g_pred, h_pred = self.f(g, h, actions)
+        err = (g_pred - g_next_t).pow(2).mean(-1) + (h_pred - h_next_t).pow(2).mean(-1)
+        total, count = err.sum(), float(len(idx))
+        info = {"goal/f_error": (g_pred - g_next_t).pow(2).mean().detach()}
+        n = min(self.f_batch, len(idx))
+        if self.f_horizon > 1 and n:
+            slots, mask = self.sequence_slots(idx[:n], self.f_horizon)
+            mask = torch.as_tensor(mask, device=self.device)
+            acts = torch.as_tensor(rb.action[slots], device=self.device)
+            reached = torch.as_tensor(rb.obs[(slots[:, 1:] + 1) % rb.capacity], device=self.device)
+            ht, gt = self.target_goals(reached.flatten(0, 1))
+            ht, gt = ht.unflatten(0, (n, self.f_horizon - 1)), gt.unflatten(0, (n, self.f_horizon - 1))
+            gp, hp = g_pred[:n], h_pred[:n]
+            for j in range(1, self.f_horizon):
+                gp, hp = self.f(gp, hp, acts[:, j])
+                g_err = (gp - gt[:, j - 1]).pow(2).mean(-1)
+                total = total + ((g_err + (hp - ht[:, j - 1]).pow(2).mean(-1)) * mask[:, j]).sum()
+                count += float(mask[:, j].sum())
+            info["goal/f_error_last"] = ((g_err * mask[:, -1]).sum() / mask[:, -1].sum().clamp(min=1)).detach()
+        return total / count, info
+
     def window_start_slots(self, idx: np.ndarray) -> np.ndarray:
         """Replay slot of the observation that started the goal window of each transition slot. Where
         that slot was already overwritten by a newer episode (the writer just wrapped past it; rare
@@ -572,9 +614,8 @@ class GoalHRL(Agent):
         low_loss, low_info = self.low.critic_loss(torch.cat([h, goal], -1), b["action"], reward,
                                                   torch.cat([h_next_t, goal], -1),
                                                   self.low.gamma * (1.0 - b["terminated"]))
-        g_pred, h_pred = self.f(g, h, b["action"])
-        f_error = F.mse_loss(g_pred, g_next_t)
-        f_loss = f_error + F.mse_loss(h_pred, h_next_t)
+        f_loss, f_info = self.f_rollout_loss(b["idx"], h, g, h_next_t, g_next_t)
+        metrics.update(f_info)
         nr = min(self.recon_batch, len(g))
         recon_target = obs_in[:nr].float() / 255.0 - 0.5 if self.is_pixel else obs_in[:nr].flatten(1).float()
         recon_loss = F.mse_loss(self.decoder(g[:nr]), recon_target)
@@ -625,7 +666,7 @@ class GoalHRL(Agent):
 
         metrics.update({
             "loss/low_critic": low_loss.detach(), "train/low_q_mean": low_info["q_mean"],
-            "loss/goal_f": f_loss.detach(), "goal/f_error": f_error.detach(), "loss/recon": recon_loss.detach(),
+            "loss/goal_f": f_loss.detach(), "loss/recon": recon_loss.detach(),
             "goal/low_reward": reward.mean().detach(), "goal/relabeled_fraction": b["relabeled"].float().mean(),
             "goal/replay_distance": goal_distance(g_next_t, b["goal"]).mean(),
         })
