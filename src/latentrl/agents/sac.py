@@ -29,10 +29,10 @@ class SACCore(nn.Module):
     def __init__(self, feat_dim: int, action_dim: int, hidden_dims=(256, 256), lr: float = 3e-4,
                  gamma: float = 0.99, tau: float = 0.005, init_temperature: float = 1.0,
                  target_entropy: float | None = None, alpha_lr: float | None = None,
-                 extra_critic_params=()):
+                 extra_critic_params=(), critic_layernorm: bool = False):
         super().__init__()
         self.actor = SquashedGaussianActor(feat_dim, action_dim, hidden_dims)
-        self.critic = TwinCritic(feat_dim, action_dim, hidden_dims)
+        self.critic = TwinCritic(feat_dim, action_dim, hidden_dims, layernorm=critic_layernorm)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.tensor(float(np.log(init_temperature))))
         self.gamma, self.tau = gamma, tau
@@ -72,7 +72,11 @@ class SACCore(nn.Module):
         self.critic.requires_grad_(False)  # gradients flow through Q to the action only: no wasted critic grads
         q = self.critic(feat, action).min(0).values
         self.critic.requires_grad_(True)
-        actor_loss = (self.alpha * logp - q).mean()
+        return self.step_actor_and_alpha((self.alpha * logp - q).mean(), logp)
+
+    def step_actor_and_alpha(self, actor_loss: torch.Tensor, logp: torch.Tensor) -> dict:
+        """One actor step on a given loss (SAC's, or a model-based one) and one temperature step
+        toward the target entropy from the log-probabilities of the actions it scored."""
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_opt.step()
@@ -98,12 +102,14 @@ class SAC(Agent):
                  device: str = "cpu", seed: int = 0, hidden_dims=(256, 256), lr: float = 3e-4,
                  gamma: float = 0.99, tau: float = 0.005, batch_size: int = 256, buffer_size: int = 1_000_000,
                  init_temperature: float = 1.0, target_entropy: float | None = None,
-                 actor_update_every: int = 1, target_update_every: int = 1, augment_pad: int = 4):
+                 actor_update_every: int = 1, target_update_every: int = 1, augment_pad: int = 4,
+                 critic_layernorm: bool = False):
         super().__init__(action_space, device, seed)
         action_dim = self.action_dim
         self.encoder = encoder
         self.sac = SACCore(encoder.out_dim, action_dim, tuple(hidden_dims), lr, gamma, tau, init_temperature,
-                           target_entropy, extra_critic_params=list(encoder.parameters()))
+                           target_entropy, extra_critic_params=list(encoder.parameters()),
+                           critic_layernorm=critic_layernorm)
         self.optimizers = self.sac.optimizers()
         self.batch_size = batch_size
         self.actor_update_every, self.target_update_every = actor_update_every, target_update_every

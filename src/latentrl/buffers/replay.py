@@ -114,6 +114,44 @@ class ReplayBuffer:
         offset = (self.rng.random(len(idx)) * span).astype(np.int64) + 1
         return (idx + np.minimum(offset, span)) % self.capacity
 
+    def sequence_slots(self, idx: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+        """Slots of `horizon` consecutive transitions starting at each `idx`, and their mask.
+
+        -> slots (n, horizon + 1): observation slots s_t .. s_{t+horizon} (transition j is slots[:, j]);
+           mask (n, horizon) float: 1 while transition t+j is a real transition of the same episode.
+        The mask is cumulative: it drops to 0 after an episode's last transition (termination or
+        truncation: the final observation has its own slot that is not a transition) and at slots a
+        newer episode overwrote, and stays 0. Slots past a masked step are clamped to the last valid
+        observation, so every gathered observation is a real one."""
+        steps = np.arange(horizon + 1)
+        raw = (idx[:, None] + steps[None, :]) % self.capacity
+        same = self.valid[raw[:, :horizon]] & (self.episode[raw[:, :horizon]] == self.episode[idx][:, None])
+        mask = np.cumprod(same, axis=1).astype(np.float32)
+        # observation j+1 exists whenever transition j is valid (its next obs); beyond, repeat the last one
+        reach = mask.sum(1).astype(np.int64)  # number of valid transitions; obs 0..reach are real
+        slots = (idx[:, None] + np.minimum(steps[None, :], reach[:, None])) % self.capacity
+        return slots, mask
+
+    def sample_sequences(self, n: int, horizon: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """n windows of `horizon` transitions from uniformly drawn start transitions (for multi-step
+        model losses and n-step returns): obs (n, H+1, ...), action (n, H, A), reward / terminated /
+        mask (n, H), and extras at the start transition."""
+        idx = self.sample_idx(n)
+        slots, mask = self.sequence_slots(idx, horizon)
+        t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
+        trans = slots[:, :horizon]
+        batch = {
+            "obs": t(self.obs[slots]),
+            "action": t(self.action[trans]),
+            "reward": t(self.reward[trans] * mask),
+            "terminated": t(self.terminated[trans].astype(np.float32) * mask),
+            "mask": t(mask),
+            "idx": idx,
+        }
+        for k, v in self.extras.items():
+            batch[k] = t(v[idx])
+        return batch
+
     def sample(self, n: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         idx = self.sample_idx(n)
         return self.gather(idx, device)
