@@ -122,6 +122,7 @@ def test_world_model_update_leaves_the_critic_inputs_until_the_target_encoder_mo
 def test_svg_actor_loss_moves_only_the_actor():
     agent = make_agent(["agent.policy_learning=svg", "agent.ensemble_size=3", "agent.num_elites=2"])
     others = {"encoder": agent.encoder, "encoder_target": agent.encoder_target, "model": agent.model,
+              "model_target": agent.model_target,
               "critic": agent.sac.critic, "critic_target": agent.sac.critic_target}
     snap = {k: params(m) for k, m in others.items()}
     actor = params(agent.sac.actor)

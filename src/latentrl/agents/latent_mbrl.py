@@ -76,11 +76,19 @@ class LatentModel(nn.Module):
         out = latent_dim + 1 + int(termination)
         self.net = EnsembleMLP(n, latent_dim + action_dim, hidden_dims, out, activation=nn.ELU, layernorm=True)
 
-    def forward(self, z: torch.Tensor, action: torch.Tensor):
-        """z (B, d) or (n, B, d), action likewise -> z' (n, B, d), reward (n, B), termination logit (n, B) or None."""
+    def embed(self, z: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """The last hidden layer (n, B, h): a state-action embedding from which z', r and the
+        termination are read out linearly (the critic may read it too: TD7/MR.Q's zsa)."""
         if z.dim() == 3 and action.dim() == 2:  # members' own latents, one shared (real) action per sample
             action = action.expand(z.shape[0], -1, -1)
-        out = self.net(torch.cat([z, action], -1))
+        x = torch.cat([z, action], -1)
+        if x.dim() == 2:
+            x = x.unsqueeze(0).expand(self.n, -1, -1)
+        return self.net.net[:-1](x)
+
+    def forward(self, z: torch.Tensor, action: torch.Tensor):
+        """z (B, d) or (n, B, d), action likewise -> z' (n, B, d), reward (n, B), termination logit (n, B) or None."""
+        out = self.net.net[-1](self.embed(z, action))
         d = self.latent_dim
         z_next = avg_l1_norm(z + out[..., :d])
         term_logit = out[..., d + 1] if self.termination else None
@@ -97,7 +105,7 @@ class LatentMBRL(Agent):
                  termination_weight: float = 0.1, decoder: bool = False, decoder_weight: float = 1.0,
                  grad_clip: float = 10.0,
                  # how the model trains the policy
-                 policy_learning: str = "svg", model_share: float = 0.25,
+                 policy_learning: str = "svg", model_share: float = 0.25, critic_sa_features: bool = True,
                  # actor-critic on latents
                  hidden_dims=(256, 256), lr: float = 3e-4, gamma: float = 0.99, tau: float = 0.005, n_step: int = 1,
                  critic_layernorm: bool = True, batch_size: int = 256, buffer_size: int = 1_000_000,
@@ -128,8 +136,12 @@ class LatentMBRL(Agent):
         world = [*self.encoder.parameters(), *self.model.parameters(),
                  *(self.decoder.parameters() if self.decoder is not None else [])]
         self.model_opt = torch.optim.Adam(world, lr=model_lr)
+        # a slow copy of the model gives the critic's state-action features, as E_bar gives its latents
+        self.model_target = copy.deepcopy(self.model).requires_grad_(False)
         self.sac = SACCore(latent_dim, self.action_dim, tuple(hidden_dims), lr, gamma, tau, init_temperature,
-                           target_entropy, critic_layernorm=critic_layernorm)
+                           target_entropy, critic_layernorm=critic_layernorm,
+                           sa_features=self.sa_features if critic_sa_features else None,
+                           sa_dim=model_hidden_dims[-1] if critic_sa_features else 0)
         self.optimizers = {"model": self.model_opt, **self.sac.optimizers()}
         self.replay = ReplayBuffer(buffer_size, obs_space.shape, obs_space.dtype, self.action_dim, seed=seed)
         self.num_updates = 0
@@ -175,6 +187,11 @@ class LatentMBRL(Agent):
     def buffers(self) -> dict[str, ReplayBuffer]:
         return {"replay": self.replay}
 
+    def sa_features(self, z: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """The target model's state-action embedding (mean over elites) for the critic: it moves only
+        with the target encoder, and stays differentiable in the action for the actor's gradient."""
+        return self.model_target.embed(z, action)[self.elites].mean(0)
+
     # ------------------------------------------------------------------ imagination
     def imagine(self, z: torch.Tensor, action: torch.Tensor, sample_member: bool = False):
         """One model step from latents: the elites' mean (svg), or one random elite per sample (mbpo).
@@ -205,6 +222,7 @@ class LatentMBRL(Agent):
             metrics.update(self.sac.update_actor_and_alpha(z_bar[:, 0]))
         self.sac.update_target()
         soft_update(self.encoder_target, self.encoder, self.encoder_tau)
+        soft_update(self.model_target, self.model, self.encoder_tau)
         if self.diagnostics_every and self.num_updates % self.diagnostics_every == 0:
             metrics.update(self.diagnostics(b, z_bar))
         self.num_updates += 1
@@ -308,7 +326,7 @@ class LatentMBRL(Agent):
             value = value + weight * (reward - alpha * logp)
             weight = weight * self.gamma * cont
         action, logp = self.sac.actor(z)
-        value = value + weight * (self.sac.critic(z, action).min(0).values - alpha * logp)
+        value = value + weight * (self.sac.q(z, action).min(0).values - alpha * logp)
         self.model.requires_grad_(True)
         self.sac.critic.requires_grad_(True)
         metrics = self.sac.step_actor_and_alpha(-value.mean(), logp0)

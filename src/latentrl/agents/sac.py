@@ -29,10 +29,13 @@ class SACCore(nn.Module):
     def __init__(self, feat_dim: int, action_dim: int, hidden_dims=(256, 256), lr: float = 3e-4,
                  gamma: float = 0.99, tau: float = 0.005, init_temperature: float = 1.0,
                  target_entropy: float | None = None, alpha_lr: float | None = None,
-                 extra_critic_params=(), critic_layernorm: bool = False):
+                 extra_critic_params=(), critic_layernorm: bool = False, sa_features=None, sa_dim: int = 0):
+        """sa_features: optional callable (feat, action) -> (B, sa_dim) features the critics read beside
+        feat (TD7/MR.Q's state-action embedding); it belongs to the caller and is not trained here."""
         super().__init__()
         self.actor = SquashedGaussianActor(feat_dim, action_dim, hidden_dims)
-        self.critic = TwinCritic(feat_dim, action_dim, hidden_dims, layernorm=critic_layernorm)
+        self.critic = TwinCritic(feat_dim + sa_dim, action_dim, hidden_dims, layernorm=critic_layernorm)
+        self.sa_features = sa_features
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.tensor(float(np.log(init_temperature))))
         self.gamma, self.tau = gamma, tau
@@ -49,13 +52,19 @@ class SACCore(nn.Module):
     def optimizers(self, prefix: str = "") -> dict[str, torch.optim.Optimizer]:
         return {f"{prefix}actor": self.actor_opt, f"{prefix}critic": self.critic_opt, f"{prefix}alpha": self.alpha_opt}
 
+    def q(self, feat: torch.Tensor, action: torch.Tensor, target: bool = False) -> torch.Tensor:
+        """Twin Q values (2, B) of the online (or target) critic, with the state-action features if any."""
+        if self.sa_features is not None:
+            feat = torch.cat([feat, self.sa_features(feat, action)], -1)
+        return (self.critic_target if target else self.critic)(feat, action)
+
     def critic_loss(self, feat, action, reward, next_feat, discount) -> tuple[torch.Tensor, dict]:
         """Soft Bellman error; `discount` is gamma^n * (1 - terminated) per sample."""
         with torch.no_grad():
             next_action, next_logp = self.actor(next_feat)
-            target_q = self.critic_target(next_feat, next_action).min(0).values - self.alpha * next_logp
+            target_q = self.q(next_feat, next_action, target=True).min(0).values - self.alpha * next_logp
             target = reward + discount * target_q
-        q = self.critic(feat, action)
+        q = self.q(feat, action)
         loss = F.mse_loss(q[0], target) + F.mse_loss(q[1], target)
         return loss, {"q_mean": q.mean().detach(), "target_q": target.mean()}
 
@@ -70,7 +79,7 @@ class SACCore(nn.Module):
         """feat must be detached from any encoder: only the critic trains encoders."""
         action, logp = self.actor(feat)
         self.critic.requires_grad_(False)  # gradients flow through Q to the action only: no wasted critic grads
-        q = self.critic(feat, action).min(0).values
+        q = self.q(feat, action).min(0).values
         self.critic.requires_grad_(True)
         return self.step_actor_and_alpha((self.alpha * logp - q).mean(), logp)
 
