@@ -105,7 +105,7 @@ class LatentMBRL(Agent):
                  termination_weight: float = 0.1, decoder: bool = False, decoder_weight: float = 1.0,
                  grad_clip: float = 10.0,
                  # how the model trains the policy
-                 policy_learning: str = "svg", model_share: float = 0.25, critic_sa_features: bool = True,
+                 policy_learning: str = "none", model_share: float = 0.25, critic_sa_features: bool = True,
                  # actor-critic on latents
                  hidden_dims=(256, 256), lr: float = 3e-4, gamma: float = 0.99, tau: float = 0.005, n_step: int = 1,
                  critic_layernorm: bool = True, batch_size: int = 256, buffer_size: int = 1_000_000,
