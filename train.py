@@ -1,8 +1,11 @@
 """latentrl entry point: `python train.py agent=goal_hrl env=carracing` (see README.md).
 
-Returns the final mean eval return, so Hydra sweepers (Optuna) can optimise it."""
+Returns the final mean eval return, so Hydra sweepers (Optuna) can optimise it. Exit codes: 0 done or
+stopped by SIGINT/SIGTERM with a checkpoint, 2 a setting is wrong or cannot be honoured here, 3 the
+training diverged (NaN/inf; the last finite checkpoint is kept)."""
 
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -14,7 +17,7 @@ from omegaconf import DictConfig
 
 import latentrl  # noqa: F401  (registers the config resolvers used in conf/config.yaml)
 from latentrl.checkpoint import CheckpointError
-from latentrl.config import ConfigError
+from latentrl.config import ConfigError, DivergenceError
 from latentrl.train import run
 
 log = logging.getLogger("latentrl")
@@ -30,6 +33,9 @@ def main(cfg: DictConfig) -> float | None:
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except DivergenceError as e:  # its own exit code: the settings were valid, the training blew up
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 def run_sweep_job(cfg: DictConfig, hc) -> float | None:
@@ -46,5 +52,26 @@ def run_sweep_job(cfg: DictConfig, hc) -> float | None:
         return None
 
 
+def refuse_unwritable_output_dir(argv: list[str]) -> None:
+    """Hydra creates the run directory before main() runs, so an unwritable one would end in Hydra's
+    stack trace: check the directory the command line names (or ./outputs) first, in one line.
+    Directories set in YAML instead are still checked by latentrl.train.run."""
+    multirun = "-m" in argv or "--multirun" in argv
+    key, target = ("hydra.sweep.dir" if multirun else "hydra.run.dir"), "outputs"
+    for arg in argv:
+        name, _, value = arg.partition("=")
+        if name == key or (name == "resume" and value not in ("", "null", "None") and not multirun):
+            key, target = name, value
+    path = Path(target).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        print(f"error: {key}={target}: the run directory cannot be created or written ({path} is "
+              f"{'not a directory' if not path.is_dir() else 'not writable'}); set {key} to a writable directory",
+              file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
+    refuse_unwritable_output_dir(sys.argv[1:])
     main()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,45 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or does not fit the config; the message says what to do."""
 
 
-def atomic_save(obj, path: Path) -> None:
+class UpdateInterrupted(Exception):
+    """An agent may raise this from `update()` when `self.should_stop()` (set by the trainer) turned
+    true inside a long loop (a model retrain), *after* putting its state back to what it was before
+    this update. The trainer then does not count the update, checkpoints, and the resumed run
+    repeats the whole update: an exact resume. Agents that cannot roll back should instead finish
+    the loop early and return normally (a consistent, but not bit-exact, resume)."""
+
+
+def nonfinite(tree, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a nested dict/list/tuple holding NaN or inf. One
+    device sync for the common all-finite case; names are only looked up when something is bad."""
+    leaves: list[tuple[str, torch.Tensor]] = []
+
+    def walk(node, name):
+        if torch.is_tensor(node):
+            if node.is_floating_point() or node.is_complex():
+                leaves.append((name, node))
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, f"{name}.{i}" if name else str(i))
+
+    walk(tree, prefix)
+    if not leaves:
+        return []
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for _, t in leaves:
+        by_device.setdefault(t.device, []).append(torch.isfinite(t.detach()).all())
+    if all(bool(torch.stack(flags).all()) for flags in by_device.values()):
+        return []
+    return [name for name, t in leaves if not bool(torch.isfinite(t.detach()).all())]
+
+
+def atomic_save(obj, path: Path, keep_previous: Path | None = None) -> None:
     """Write to a temp file in the same directory, fsync, then rename over the target: a crash
-    mid-write leaves the previous checkpoint intact."""
+    mid-write leaves the previous checkpoint intact. With `keep_previous`, the file being replaced
+    is kept there (prev.pt beside last.pt), so one bad checkpoint never leaves nothing to resume."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -32,6 +69,13 @@ def atomic_save(obj, path: Path) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+    if keep_previous is not None and path.exists():
+        prev_tmp = Path(keep_previous).with_name(f".{Path(keep_previous).name}.{os.getpid()}.tmp")
+        try:  # a hard link costs no copy; path stays in place until the final rename
+            os.link(path, prev_tmp)
+        except OSError:  # filesystems without hard links
+            shutil.copy2(path, prev_tmp)
+        os.replace(prev_tmp, keep_previous)
     os.replace(tmp, path)
 
 

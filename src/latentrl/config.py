@@ -16,6 +16,70 @@ class ConfigError(ValueError):
     """A config value is wrong; the message names the key and how to fix it."""
 
 
+class DivergenceError(RuntimeError):
+    """Training produced NaN/inf (losses or parameters). The run stopped without overwriting its
+    last finite checkpoint; the message names the step, the metrics and what to try."""
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. under taskset or SLURM), which
+    can be fewer than os.cpu_count()."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def check_machine(cfg: DictConfig) -> None:
+    """Refuse, at start-up and naming the key, settings this machine cannot honour; otherwise they
+    fail minutes later deep inside torch (an assertion in an agent's constructor)."""
+    import torch
+
+    device = str(cfg.get("device", "auto"))
+    if device != "auto":
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"'device' must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device={device}: CUDA is not available on this machine (torch {torch.__version__}, "
+                                  f"CUDA build: {torch.version.cuda or 'none'}); use device=cpu or device=auto")
+            count = torch.cuda.device_count()
+            if dev.index is not None and dev.index >= count:
+                raise ConfigError(f"device={device}: this machine has {count} CUDA device(s), "
+                                  f"cuda:0 to cuda:{count - 1}; set device=cuda:<index below {count}>")
+        elif dev.type == "mps":
+            if not torch.backends.mps.is_available():
+                raise ConfigError(f"device={device}: MPS is not available on this machine; "
+                                  "use device=cpu or device=auto")
+        elif dev.type != "cpu":
+            raise ConfigError(f"'device' must be auto, cpu, cuda or cuda:N, got {device!r}")
+    threads = cfg.get("threads")
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f"'threads' must be null or a positive integer, got {threads!r}")
+        cores = usable_cores()
+        if threads > cores:
+            raise ConfigError(f"threads={threads}: this process may use {cores} CPU core(s); set threads<={cores} "
+                              "(more threads than cores only makes them wait for each other)")
+
+
+def check_output_dir(run_dir, key: str) -> None:
+    """Create the run directory and prove it writable now, not at the first checkpoint."""
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    probe = run_dir / f".write_test.{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{key}={run_dir}: the run directory cannot be written ({e.strerror or e}); "
+                          f"set {key} to a writable directory") from None
+
+
 @dataclass
 class EnvConfig:
     id: str = "Pendulum-v1"  # gymnasium id

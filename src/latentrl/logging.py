@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,23 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 log = logging.getLogger("latentrl")
+
+
+def finite_or_none(obj):
+    """NaN/inf floats -> None, recursively: JSON has no NaN token, and strict parsers (jq, JS,
+    Python's json with parse_constant raising) reject Python's default `NaN` output."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def strict_json(obj, **kwargs) -> str:
+    """json.dumps that writes null for non-finite floats and can never emit NaN/Infinity."""
+    return json.dumps(finite_or_none(obj), allow_nan=False, **kwargs)
 
 
 class Logger:
@@ -32,7 +50,7 @@ class Logger:
         values = {k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
         for k, v in values.items():
             self.writer.add_scalar(k, v, step)
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.write(strict_json({"step": step, **values}) + "\n")
         return values
 
     def text(self, tag: str, text: str, step: int = 0) -> None:

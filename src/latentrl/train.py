@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from latentrl.config import ConfigError, validate
+from latentrl.config import ConfigError, check_machine, check_output_dir, usable_cores, validate
 
 log = logging.getLogger("latentrl")
 
@@ -57,7 +57,7 @@ def sweep_job_defaults(cfg: DictConfig, launcher) -> None:
             n_jobs = launcher.get("n_jobs", 1) if launcher is not None else 1
             n_jobs = cores if n_jobs in (None, -1) or n_jobs < 1 else n_jobs
             per_job = max(1, cores // n_jobs)
-        cfg.threads = int(per_job)
+        cfg.threads = min(int(per_job), usable_cores())  # derived, not asked for: never more than this machine has
     cfg.trainer.progress = False
 
 
@@ -74,7 +74,8 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     if launcher is not None:
         sweep_job_defaults(cfg, launcher)
     validate(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_machine(cfg)
+    check_output_dir(run_dir, "resume" if resuming else "hydra.sweep.dir" if launcher is not None else "hydra.run.dir")
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     log.info("run directory: %s", run_dir.resolve())
     results = Trainer(cfg, run_dir, resume=resuming).train()

@@ -3,12 +3,19 @@
 It builds the parts from the config and drives them through the `Agent` interface; it knows no
 algorithm. Resume is exact on CPU: networks, optimizers, buffers, RNG states and counters are
 restored, and the env is brought back mid-episode by replaying that episode's actions from its
-seeded reset."""
+seeded reset.
+
+Reliability: a run never fails silently. Logged metrics and, at every checkpoint, all parameters
+and optimizer states are checked for NaN/inf; a diverged run stops with DivergenceError and keeps
+its last finite checkpoint. SIGINT/SIGTERM are honoured between env steps, between updates and
+between evaluation steps; agents with long loops inside `update()` poll `self.should_stop()`,
+which the trainer sets on them (see `Trainer.train` and checkpoint.UpdateInterrupted)."""
 
 from __future__ import annotations
 
-import json
 import logging
+import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -22,9 +29,9 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from latentrl import checkpoint as ckpt_io
-from latentrl.config import ConfigError, to_plain
+from latentrl.config import ConfigError, DivergenceError, to_plain, usable_cores
 from latentrl.envs import episode_seed, make_env
-from latentrl.logging import Logger
+from latentrl.logging import Logger, strict_json
 
 log = logging.getLogger("latentrl")
 
@@ -35,6 +42,42 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def configure_threads(requested: int | None) -> int:
+    """torch CPU threads for this process. null means 1: measured on HalfCheetah's SAC update
+    (README), 2 threads are ~25% faster than 1 on an idle 2-core machine, but fall 5x (OpenMP
+    threads spinning against each other) as soon as another process keeps the cores busy, while 1
+    thread keeps ~65% of its speed. Sweeps set `threads` to their share of cores (train.py)."""
+    threads = 1 if requested is None else int(requested)
+    torch.set_num_threads(threads)
+    how = "threads=null: 1, safe when other processes share the cores" if requested is None else f"threads={threads}"
+    log.info("torch CPU threads: %d (%s)", threads, how)
+    if threads > 1 and hasattr(os, "getloadavg"):
+        load, cores = os.getloadavg()[0], usable_cores()
+        if load + threads > cores + 0.5:
+            log.warning("threads=%d but the load average is %.1f on %d cores: other processes are busy, and "
+                        "multi-threaded torch can run several times slower than threads=1 when cores are shared",
+                        threads, load, cores)
+    return threads
+
+
+def metric_hint(cfg: DictConfig) -> str:
+    """What to try after a divergence, naming this run's own learning rates and reward scales."""
+    found = []
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and (
+                    k == "lr" or k.endswith("_lr") or "reward_scale" in k):
+                found.append(f"{prefix}{k}={v:g}")
+
+    walk(to_plain(cfg.agent), "agent.")
+    settings = f" (now {', '.join(found)})" if found else ""
+    return (f"lower the learning rate or the reward scale{settings}; large rewards or targets also call for "
+            "reward scaling or gradient clipping")
 
 
 def seed_everything(seed: int) -> None:
@@ -79,12 +122,14 @@ def hparams_of(cfg: DictConfig) -> dict:
     return flat
 
 
-def run_episode(agent, env, seed: int, frames: list | None = None) -> tuple[float, int]:
-    """One deterministic evaluation episode; appends rendered frames when a list is given."""
+def run_episode(agent, env, seed: int, frames: list | None = None, should_stop=None) -> tuple[float, int]:
+    """One deterministic evaluation episode; appends rendered frames when a list is given.
+    `should_stop()` is polled every step: a stop request ends the episode early (the caller
+    discards it), so a SIGTERM during a long evaluation is honoured within a step."""
     agent.begin_episode(explore=False)
     obs, _ = env.reset(seed=seed)
     done, ret, length = False, 0.0, 0
-    while not done:
+    while not done and not (should_stop is not None and should_stop()):
         if frames is not None:
             frames.append(env.render())
         obs, reward, terminated, truncated, _ = env.step(agent.act(obs, explore=False))
@@ -102,8 +147,7 @@ class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, resume: bool = False):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.t = cfg.trainer
-        if cfg.get("threads"):
-            torch.set_num_threads(int(cfg.threads))
+        configure_threads(cfg.get("threads"))
         seed_everything(cfg.seed)
         self.device = resolve_device(cfg.device)
 
@@ -132,7 +176,11 @@ class Trainer:
         self.last_return = float("nan")
         self.last_eval: dict = {}
         self.obs = None
+        self.step_done = True  # the current step's updates, log and eval are done (False: resume them first)
+        self.eval_pending = False  # an evaluation was interrupted by a stop request: redo it on resume
         self.stop_requested = False
+        self.last_saved_step: int | None = None  # step of the newest finite checkpoint on disk
+        self.agent.should_stop = self.should_stop  # long loops inside agents poll this (see module docstring)
 
         if resume:
             self._load()
@@ -142,67 +190,119 @@ class Trainer:
             self.logger.text("config", "```yaml\n" + OmegaConf.to_yaml(cfg) + "\n```")
 
     # ------------------------------------------------------------------ loop
+    def should_stop(self) -> bool:
+        """True once SIGINT/SIGTERM arrived: long loops (evaluation, an agent's model retrain) end early."""
+        return self.stop_requested
+
     def train(self) -> dict | None:
-        """Run until trainer.total_steps; returns the final eval metrics (None when interrupted)."""
-        total = self.t.total_steps
+        """Run until trainer.total_steps; returns the final eval metrics (None when interrupted).
+        Raises DivergenceError on NaN/inf, leaving the last finite checkpoint in place."""
         if self.obs is None:
             self.obs = self._reset_episode()
-        window_start, window_step, window_updates = time.time(), self.step, self.num_updates
-        metric_sums: dict[str, torch.Tensor] = {}
-        metric_counts: dict[str, int] = {}
         old_handlers = self._install_signal_handlers()
-        session_start = time.time()
-        bar = tqdm(total=total, initial=self.step, disable=not self.t.progress, dynamic_ncols=True,
+        self._session_start = time.time()
+        bar = tqdm(total=self.t.total_steps, initial=self.step, disable=not self.t.progress, dynamic_ncols=True,
                    mininterval=1.0, unit="step")
         try:
             with logging_redirect_tqdm():
-                while self.step < total and not self.stop_requested:
-                    self._env_step()
-                    if self.step > self.t.warmup_steps:
-                        self.update_credit += self.t.updates_per_step
-                        while self.update_credit >= 1.0:
-                            for k, v in self.agent.update(self.step).items():
-                                metric_sums[k] = metric_sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v)
-                                metric_counts[k] = metric_counts.get(k, 0) + 1
-                            self.num_updates += 1
-                            self.update_credit -= 1.0
-                    bar.update(1)
-                    if every(self.t.log_every, self.step):
-                        now = time.time()
-                        perf = {"perf/env_steps_per_s": (self.step - window_step) / max(now - window_start, 1e-9),
-                                "perf/updates_per_s": (self.num_updates - window_updates) / max(now - window_start, 1e-9),
-                                "perf/frames": self.step * self.cfg.env.action_repeat}
-                        self.logger.scalars({**{k: metric_sums[k] / metric_counts[k] for k in metric_sums}, **perf},
-                                            self.step)
-                        metric_sums, metric_counts = {}, {}
-                        window_start, window_step, window_updates = now, self.step, self.num_updates
-                        bar.set_postfix(ret=f"{self.last_return:.1f}", sps=f"{perf['perf/env_steps_per_s']:.0f}",
-                                        refresh=False)
-                    if every(self.t.eval_every, self.step) and self.step < total:
-                        self.evaluate()
-                    if every(self.t.checkpoint_every, self.step) and self.step < total:
-                        self.save(time.time() - session_start)
-                        session_start = time.time()
+                self._loop(bar)
+                if not self.stop_requested and self.last_eval.get("step") != self.step:
+                    self.evaluate()
+                self._checkpoint()
+                if self.stop_requested:
+                    log.info("interrupted at step %d; checkpoint saved. Continue with: python train.py resume=%s",
+                             self.step, self.run_dir)
+                    return None
+                return self._write_results()
+        except DivergenceError as e:
+            log.error("%s", e)
+            raise
         finally:
             bar.close()
             self._restore_signal_handlers(old_handlers)
-        if self.stop_requested:
-            self.save(time.time() - session_start)
-            log.info("interrupted at step %d; checkpoint saved. Continue with: python train.py resume=%s",
-                     self.step, self.run_dir)
             self.logger.close()
-            return None
-        if self.last_eval.get("step") != self.step:
+
+    def _loop(self, bar) -> None:
+        """Env step, its updates, then log / eval / checkpoint when due. A stop request is honoured
+        between any two of these; `step_done`, `update_credit` and `eval_pending` (all
+        checkpointed) say where the resumed run picks up, so it continues exactly."""
+        total = self.t.total_steps
+        self._window = (time.time(), self.step, self.num_updates)
+        sums: dict[str, torch.Tensor | float] = {}
+        counts: dict[str, int] = {}
+        if self.eval_pending:
+            self._check_metrics(sums)
             self.evaluate()
-        self.save(time.time() - session_start)
+        while not self.stop_requested:
+            if self.step_done:
+                if self.step >= total:
+                    break
+                self._env_step()
+                bar.update(1)
+                if self.step > self.t.warmup_steps:
+                    self.update_credit += self.t.updates_per_step
+                self.step_done = False
+            while self.update_credit >= 1.0 and not self.stop_requested:
+                try:
+                    metrics = self.agent.update(self.step)
+                except ckpt_io.UpdateInterrupted:
+                    break  # the agent rolled this update back: the resumed run repeats it
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v)
+                    counts[k] = counts.get(k, 0) + 1
+                self.num_updates += 1
+                self.update_credit -= 1.0
+            if self.stop_requested:
+                break
+            if every(self.t.log_every, self.step):
+                self._log_window(sums, counts, bar)
+                sums, counts = {}, {}
+            if every(self.t.eval_every, self.step) and self.step < total:
+                self._check_metrics(sums)  # never evaluate a policy whose losses already went NaN
+                self.evaluate()
+            self.step_done = True
+            if every(self.t.checkpoint_every, self.step) and self.step < total and not self.stop_requested:
+                self._check_metrics(sums)
+                self._checkpoint()
+        self._check_metrics(sums)
+
+    def _log_window(self, sums: dict, counts: dict, bar) -> None:
+        now = time.time()
+        start, start_step, start_updates = self._window
+        perf = {"perf/env_steps_per_s": (self.step - start_step) / max(now - start, 1e-9),
+                "perf/updates_per_s": (self.num_updates - start_updates) / max(now - start, 1e-9),
+                "perf/frames": self.step * self.cfg.env.action_repeat}
+        values = self.logger.scalars({**{k: sums[k] / counts[k] for k in sums}, **perf}, self.step)
+        bad = [k for k in sums if not math.isfinite(values[k])]  # logged first: the NaN shows in the curves
+        if bad:
+            self._diverged(bad, start_step + 1)
+        self._window = (now, self.step, self.num_updates)
+        bar.set_postfix(ret=f"{self.last_return:.1f}", sps=f"{perf['perf/env_steps_per_s']:.0f}", refresh=False)
+
+    def _check_metrics(self, sums: dict) -> None:
+        """Metrics summed since the last log: a NaN/inf in any update makes its sum non-finite, so
+        one check per window (one device sync) covers every update in it."""
+        bad = ckpt_io.nonfinite({k: v for k, v in sums.items() if torch.is_tensor(v)})
+        bad += [k for k, v in sums.items() if not torch.is_tensor(v) and not math.isfinite(v)]
+        if bad:
+            self._diverged(bad, self._window[1] + 1)
+
+    def _diverged(self, what: list[str], since_step: int) -> None:
+        last = (f"the last finite checkpoint (step {self.last_saved_step}) is kept in {self.ckpt_dir / 'last.pt'}"
+                if self.last_saved_step is not None else "no checkpoint had been written yet")
+        where = f"step {self.step}" if since_step >= self.step else f"steps {since_step}-{self.step}"
+        raise DivergenceError(f"training diverged at step {self.step}: non-finite {', '.join(sorted(what)[:8])}"
+                              f"{' ...' if len(what) > 8 else ''} (first seen in {where}); {last}. "
+                              f"Hint: {metric_hint(self.cfg)}")
+
+    def _write_results(self) -> dict:
         results = {**{k: v for k, v in self.last_eval.items() if k != "step"}, "step": self.step,
                    "frames": self.step * self.cfg.env.action_repeat, "episodes": self.episode,
                    "updates": self.num_updates, "wall_time_s": round(self.wall_time, 1)}
-        (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        (self.run_dir / "results.json").write_text(strict_json(results, indent=2))
         self.logger.hparams(hparams_of(self.cfg), {"hparams/final_return": results["eval/return_mean"]})
         log.info("done: eval return %.1f +- %.1f after %d steps; results in %s", results["eval/return_mean"],
                  results["eval/return_std"], self.step, self.run_dir / "results.json")
-        self.logger.close()
         return results
 
     def _env_step(self) -> None:
@@ -232,20 +332,28 @@ class Trainer:
         return obs
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self) -> dict:
+    def evaluate(self) -> dict | None:
         """Deterministic policy on a separate env, the same seeded episodes every time. RNG states
         are restored afterwards (torch CPU and CUDA, Python, NumPy, the agent's own generator) so
-        evaluating never changes the training run."""
+        evaluating never changes the training run. A stop request abandons it (returns None) and
+        marks it pending, so the resumed run evaluates at this step first."""
         global_rng, agent_rng = ckpt_io.rng_state(), self.agent.np_rng.bit_generator.state
         returns, lengths, frames = [], [], []
-        for i in range(self.t.eval_episodes):
-            record = self.t.log_eval_video and i == 0
-            ret, length = run_episode(self.agent, self.eval_env, episode_seed(self.cfg.seed, i, EVAL_STREAM),
-                                      frames if record else None)
-            returns.append(ret)
-            lengths.append(length)
-        ckpt_io.set_rng_state(global_rng)
-        self.agent.np_rng.bit_generator.state = agent_rng
+        self.eval_pending = True
+        try:
+            for i in range(self.t.eval_episodes):
+                record = self.t.log_eval_video and i == 0
+                ret, length = run_episode(self.agent, self.eval_env, episode_seed(self.cfg.seed, i, EVAL_STREAM),
+                                          frames if record else None, should_stop=self.should_stop)
+                if self.stop_requested:
+                    log.info("evaluation at step %d interrupted; the resumed run redoes it", self.step)
+                    return None
+                returns.append(ret)
+                lengths.append(length)
+        finally:
+            ckpt_io.set_rng_state(global_rng)
+            self.agent.np_rng.bit_generator.state = agent_rng
+        self.eval_pending = False
         metrics = {"eval/return_mean": float(np.mean(returns)) if returns else float("nan"),
                    "eval/return_std": float(np.std(returns)) if returns else float("nan"),
                    "eval/episode_length": float(np.mean(lengths)) if lengths else float("nan")}
@@ -258,6 +366,8 @@ class Trainer:
         log.info("step %d: eval return %.1f +- %.1f over %d episodes", self.step, metrics["eval/return_mean"],
                  metrics["eval/return_std"], len(returns))
         self.last_eval = {**metrics, "returns": returns, "step": self.step}
+        if returns and not math.isfinite(metrics["eval/return_mean"]):
+            self._diverged(["eval/return_mean"], self.step)
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
@@ -265,7 +375,17 @@ class Trainer:
     def ckpt_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
+    def _checkpoint(self) -> None:
+        self.save(time.time() - self._session_start)
+        self._session_start = time.time()
+
     def save(self, session_seconds: float = 0.0) -> None:
+        """last.pt (the previous one kept as prev.pt) and buffers.pt. Refuses a state with NaN/inf in
+        any parameter or optimizer state (DivergenceError): a diverged run keeps its last good one."""
+        agent_state = self.agent.checkpoint_state()
+        bad = ckpt_io.nonfinite(agent_state)
+        if bad:
+            self._diverged([f"parameter {name}" for name in bad], self.step)
         self.wall_time += session_seconds
         if self.t.save_buffer:  # buffers first: last.pt names the step the buffers must match
             ckpt_io.atomic_save({"step": self.step,
@@ -279,22 +399,32 @@ class Trainer:
             "counters": {"step": self.step, "episode": self.episode, "num_updates": self.num_updates,
                          "update_credit": self.update_credit, "wall_time": self.wall_time,
                          "episode_return": self.episode_return, "episode_length": self.episode_length,
-                         "last_return": self.last_return},
+                         "last_return": self.last_return, "step_done": self.step_done,
+                         "eval_pending": self.eval_pending},
             "episode_actions": torch.as_tensor(np.array(self.episode_actions, dtype=np.float32).reshape(
                 len(self.episode_actions), self.agent.action_dim)),
             "obs": torch.as_tensor(np.asarray(self.obs)),
             "last_eval": {k: v for k, v in self.last_eval.items()},
             "rng": ckpt_io.rng_state(),
-            "agent": self.agent.checkpoint_state(),
+            "agent": agent_state,
             "buffers_saved": bool(self.t.save_buffer),
         }
-        ckpt_io.atomic_save(state, self.ckpt_dir / "last.pt")
+        ckpt_io.atomic_save(state, self.ckpt_dir / "last.pt", keep_previous=self.ckpt_dir / "prev.pt")
+        self.last_saved_step = self.step
         self.logger.flush()
         log.info("checkpoint saved at step %d: %s", self.step, self.ckpt_dir / "last.pt")
 
     def _load(self) -> None:
         path = self.ckpt_dir / "last.pt"
-        state = ckpt_io.load(path)
+        try:
+            state = ckpt_io.load(path)
+            fallback = False
+        except ckpt_io.CheckpointError as e:
+            prev = self.ckpt_dir / "prev.pt"
+            if not prev.exists():
+                raise
+            log.warning("%s; resuming from the previous checkpoint %s instead", e, prev)
+            path, state, fallback = prev, ckpt_io.load(prev), True
         ckpt_io.check_compatible(state, to_plain(self.cfg), path)
         try:
             self.agent.load_checkpoint_state(state["agent"])
@@ -306,15 +436,22 @@ class Trainer:
         self.step, self.episode, self.num_updates = c["step"], c["episode"], c["num_updates"]
         self.update_credit, self.wall_time = c["update_credit"], c["wall_time"]
         self.last_return = c["last_return"]
+        self.step_done, self.eval_pending = c.get("step_done", True), c.get("eval_pending", False)
+        self.last_saved_step = self.step
         self.last_eval = state["last_eval"]
         buffers_file = self.ckpt_dir / "buffers.pt"
         if state["buffers_saved"] and buffers_file.exists():
             bufs = ckpt_io.load(buffers_file)
-            if bufs["step"] != self.step:
+            if bufs["step"] != self.step and fallback:
+                log.warning("%s is from step %d, prev.pt from step %d: the replay buffer restarts empty and the "
+                            "resumed run will not match an uninterrupted one exactly", buffers_file, bufs["step"],
+                            self.step)
+            elif bufs["step"] != self.step:
                 raise ckpt_io.CheckpointError(f"{buffers_file} is from step {bufs['step']} but last.pt from step "
                                               f"{self.step}: the run was killed while checkpointing; no exact resume")
             for name, buf in self.agent.buffers().items():
-                buf.load_state_dict(bufs["buffers"][name])
+                if bufs["step"] == self.step:
+                    buf.load_state_dict(bufs["buffers"][name])
         else:
             log.warning("no replay buffer in the checkpoint (trainer.save_buffer=false): the resumed run refills it "
                         "and will not match an uninterrupted run exactly")
@@ -335,8 +472,12 @@ class Trainer:
     # ------------------------------------------------------------------ signals
     def _install_signal_handlers(self):
         def request_stop(signum, _frame):
-            log.warning("received %s: finishing this step, saving a checkpoint, then exiting",
-                        signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            if self.stop_requested:  # a second signal: the user does not want to wait for the checkpoint
+                log.warning("received %s again: exiting now without a checkpoint", name)
+                raise KeyboardInterrupt
+            log.warning("received %s: stopping at the next safe point, saving a checkpoint, then exiting "
+                        "(send it again to exit at once without saving)", name)
             self.stop_requested = True
 
         old = {}
