@@ -208,3 +208,18 @@ def test_sweep_marks_the_diverging_job_failed_and_finishes_the_others(tmp_path):
     assert "failed" in proc.stdout + proc.stderr
     for d in (good, bad):
         assert_strict_outputs(d)
+
+
+def test_threads_default_is_one_and_busy_machine_warns(monkeypatch, caplog):
+    import latentrl.trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "usable_cores", lambda: 2)
+    monkeypatch.setattr(trainer_mod.os, "getloadavg", lambda: (2.0, 2.0, 2.0))  # another process keeps 2 cores busy
+    try:
+        with caplog.at_level("INFO", logger="latentrl"):
+            assert trainer_mod.configure_threads(None) == 1 and torch.get_num_threads() == 1
+            assert "threads=null: 1" in caplog.text and "load average" not in caplog.text
+            assert trainer_mod.configure_threads(2) == 2
+            assert "threads=2 but the load average is 2.0 on 2 cores" in caplog.text
+    finally:
+        torch.set_num_threads(1)  # conftest's setting for the rest of the session
