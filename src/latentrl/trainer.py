@@ -45,10 +45,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def configure_threads(requested: int | None) -> int:
-    """torch CPU threads for this process. null means 1: measured on HalfCheetah's SAC update
-    (README), 2 threads are ~25% faster than 1 on an idle 2-core machine, but fall 5x (OpenMP
-    threads spinning against each other) as soon as another process keeps the cores busy, while 1
-    thread keeps ~65% of its speed. Sweeps set `threads` to their share of cores (train.py)."""
+    """torch CPU threads for this process. null means 1: on HalfCheetah's SAC update (issue 11's
+    measurements on a 2-core machine; re-measure with scripts/benchmark_threads.py), 2 threads are
+    ~25% faster than 1 when alone, but fall 5x (OpenMP threads spinning against each other) as soon
+    as another process keeps the cores busy, while 1 thread keeps ~65% of its speed. Sweeps set
+    `threads` to their share of cores (latentrl.train.sweep_job_defaults)."""
     threads = 1 if requested is None else int(requested)
     torch.set_num_threads(threads)
     how = "threads=null: 1, safe when other processes share the cores" if requested is None else f"threads={threads}"
@@ -230,8 +231,7 @@ class Trainer:
         self._window = (time.time(), self.step, self.num_updates)
         sums: dict[str, torch.Tensor | float] = {}
         counts: dict[str, int] = {}
-        if self.eval_pending:
-            self._check_metrics(sums)
+        if self.eval_pending:  # a stop interrupted the evaluation at this step: do it before moving on
             self.evaluate()
         while not self.stop_requested:
             if self.step_done:
