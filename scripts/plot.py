@@ -66,7 +66,7 @@ def read_curve(run: Path, tag: str) -> dict[int, float]:
     if metrics.exists():
         for line in metrics.read_text().splitlines():
             row = json.loads(line) if line.strip() else {}
-            if tag in row:
+            if row.get(tag) is not None:  # null: a non-finite value the logger refused to write as NaN
                 curve[int(row["step"])] = float(row[tag])
     return curve
 

@@ -243,8 +243,12 @@ def _steps_to_solve(tmp_path, overrides, chunk, limit, threshold=-400.0):
 
 @pytest.mark.slow
 def test_latent_mbrl_learns_pendulum_faster_than_sac(tmp_path):
-    mbrl = _steps_to_solve(tmp_path, ["agent=latent_mbrl", "trainer.warmup_steps=500"], chunk=500, limit=4000)
+    """With 3-step returns latent_mbrl reaches -400 in 1,500 env steps, sac in 2,500 (both warm up for 500
+    random steps); with 1-step returns it needs 3,500 (svg: 3,000), more than sac (measured on this machine
+    kind). The Pendulum claim therefore rests on n-step returns; HalfCheetah/Hopper results are in the README."""
+    mbrl = _steps_to_solve(tmp_path, ["agent=latent_mbrl", "trainer.warmup_steps=500", "agent.n_step=3"],
+                           chunk=500, limit=4000)
     sac = _steps_to_solve(tmp_path, ["agent=sac", "trainer.warmup_steps=500"], chunk=500, limit=8000)
     print(f"steps to eval return >= -400 on Pendulum-v1: latent_mbrl {mbrl}, sac {sac}")
     assert mbrl <= 4000, "latent_mbrl did not reach -400 within 4000 steps"
-    assert mbrl < sac, f"latent_mbrl needed {mbrl} steps, sac {sac}: expected fewer"
+    assert mbrl <= 0.7 * sac, f"latent_mbrl needed {mbrl} steps, sac {sac}: expected clearly fewer"
