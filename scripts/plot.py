@@ -148,9 +148,10 @@ def plot(groups: list[dict], tag: str, out: Path) -> None:
     plt.close(fig)
 
 
-def table(groups: list[dict], differing: list[str]) -> str:
-    """Markdown: final eval return (each run's own results.json) mean ± std over seeds."""
-    lines = ["| configuration | final return (mean ± std) | seeds | steps |", "|---|---|---|---|"]
+def table(groups: list[dict], differing: list[str], tag: str = "eval/return_mean") -> str:
+    """Markdown: final eval return (each run's own results.json) mean ± std over seeds with every seed's
+    value, then the `tag` curve (mean ± std over seeds) at each step all seeds of a group logged."""
+    lines = ["| configuration | final return (mean ± std) | seeds | steps | per seed |", "|---|---|---|---|---|"]
     for g in groups:
         finals = [(r, final_return(r)) for r in g["runs"]]
         done = [(r, v) for r, v in finals if v is not None]
@@ -160,12 +161,35 @@ def table(groups: list[dict], differing: list[str]) -> str:
             steps = sorted({json.loads((r / "results.json").read_text()).get("step") for r, _ in done})
         else:
             cell, steps = "no finished run", []
-        seeds = ", ".join(str(s) for s in seeds_of([r for r, _ in done]))
+        seeds = seeds_of([r for r, _ in done])
         unfinished = len(finals) - len(done)
-        seed_cell = f"{len(done)} ({seeds})" + (f" + {unfinished} unfinished" if unfinished else "")
-        lines.append(f"| {g['label']} | {cell} | {seed_cell} | {', '.join(map(str, steps))} |")
+        seed_cell = f"{len(done)} ({', '.join(map(str, seeds))})" + (f" + {unfinished} unfinished" if unfinished else "")
+        per_seed = ", ".join(f"s{s}: {v:.1f}" for s, (_, v) in zip(seeds, done))
+        lines.append(f"| {g['label']} | {cell} | {seed_cell} | {', '.join(map(str, steps))} | {per_seed} |")
     note = f"\nGroups differ in: {', '.join(differing)}." if differing else ""
-    return "\n".join(lines) + "\n" + note + "\nstd is the population std over seeds (numpy ddof=0).\n"
+    return ("\n".join(lines) + "\n" + note + "\nstd is the population std over seeds (numpy ddof=0).\n\n"
+            + curve_table(groups, tag))
+
+
+def curve_table(groups: list[dict], tag: str) -> str:
+    """Markdown: one row per logged step (and env frames), one column per group: mean ± std over seeds."""
+    columns = {}
+    for g in groups:
+        curves = [c for c in (read_curve(r, tag) for r in g["runs"]) if c]
+        if curves:
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            columns[g["label"]] = {s: np.array([c[s] for c in curves]) for s in steps}
+    if not columns:
+        return ""
+    repeats = {g["label"]: g["config"].get("env.action_repeat", 1) or 1 for g in groups}
+    rows = sorted(set().union(*columns.values()))
+    out = [f"`{tag}` at each step (mean ± std over seeds; frames = steps x env.action_repeat):", "",
+           "| step | frames | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for step in rows:
+        frames = {step * repeats[label] for label in columns}
+        cells = [f"{v.mean():.1f} ± {v.std():.1f}" if (v := col.get(step)) is not None else "" for col in columns.values()]
+        out.append(f"| {step} | {'/'.join(map(str, sorted(frames)))} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or base / "curves.png"
     table_path = args.table or out.with_name("results.md")
     plot(groups, args.tag, out)
-    md = table(groups, differing)
+    md = table(groups, differing, args.tag)
     table_path.parent.mkdir(parents=True, exist_ok=True)
     table_path.write_text(md)
     print(md)
