@@ -82,16 +82,16 @@ def main() -> None:
     if not any(o.startswith(("env=", "experiment=")) for o in args.overrides):
         overrides.append("env=halfcheetah")
 
-    cfg, env, _ = build(overrides)
+    cfg = compose_cfg(overrides)  # only for the env: no agent is built here
+    sac_env = make_env(cfg.env)  # SAC with conf/agent/sac.yaml's defaults on raw states, on the same env
     ms = {}
-    sac_env = make_env(cfg.env)  # the same env; SAC with conf/agent/sac.yaml's defaults on raw states
     sac = SAC(IdentityEncoder(sac_env.observation_space), sac_env.observation_space, sac_env.action_space,
               buffer_size=args.fill + 10 * args.reps)
     ms["sac"] = 1e3 * env_step_cost(sac, sac_env, fill(sac, sac_env, args.fill), args.reps)
     for mode in ("svg", "mbpo", "none"):
         _, menv, agent = build([*overrides, f"agent.policy_learning={mode}"])
         ms[f"latent_mbrl_{mode}"] = 1e3 * env_step_cost(agent, menv, fill(agent, menv, args.fill), args.reps)
-    res = {"env": env.spec.id, "threads": args.threads, "overrides": overrides, "reps": args.reps,
+    res = {"env": sac_env.spec.id, "threads": args.threads, "overrides": overrides, "reps": args.reps,
            "ms_per_env_step": ms, "ratio_to_sac": {k: v / ms["sac"] for k, v in ms.items()}}
     for k, v in ms.items():
         print(f"{k:20s} {v:8.2f} ms per env step  {res['ratio_to_sac'][k]:5.2f} x sac")
