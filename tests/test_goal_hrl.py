@@ -393,9 +393,39 @@ def test_evaluation_does_not_disturb_the_training_window():
     assert agent.pending["steps"] == before[1]["steps"]
 
 
-def test_eval_with_planning_is_identical_across_calls_with_the_same_seed():
+def test_cem_planning_searches_beyond_the_actors_proposals(monkeypatch):
+    """On a score whose optimum lies far from the actor's mean, CEM's later rounds find goals the
+    plain re-ranking of the actor's samples cannot, and never score below the actor's mean."""
+    agent, env = build_agent("agent.planning.candidates=16", "agent.planning.q_weight=0",
+                             "agent.planning.method=cem", "agent.planning.iterations=4", "agent.planning.elites=4")
+    obs = agent.obs_tensor(env.reset(seed=0)[0])
+    h, g = agent.goal_encoder(obs)
+    g_target = agent.target_goals(obs)[1]
+    target = agent.goal_from_action(g_target, torch.full((1, agent.goal_dim), 0.9))
+    monkeypatch.setattr(agent, "plan_distances", lambda h_, g_, cand: (cand - target).pow(2).mean(-1))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        _, chosen = agent.choose_goal(h, g, g_target, explore=True)
+        mean_goal = agent.goal_from_action(g_target, agent.high.act(h, explore=False))
+        actor_goals = agent.goal_from_action(g_target, agent.high.actor(h.expand(16, -1), with_log_prob=False)[0])
+    chosen_miss = float((chosen - target).pow(2).mean())
+    assert chosen_miss <= float((mean_goal - target).pow(2).mean())
+    assert chosen_miss < 0.5 * float((actor_goals - target).pow(2).mean(-1).min())
+    assert agent.env_stats["goal/plan_gain"][0] > 0
+
+
+def test_planning_method_is_validated():
+    with pytest.raises(BAD_CONFIG, match="agent.planning.method"):
+        build_agent("agent.planning.method=beam")
+    with pytest.raises(BAD_CONFIG, match="agent.planning.elites"):
+        build_agent("agent.planning.method=cem", "agent.planning.candidates=4", "agent.planning.elites=5")
+
+
+@pytest.mark.parametrize("method", ["sample", "cem"])
+def test_eval_with_planning_is_identical_across_calls_with_the_same_seed(method):
     from latentrl.trainer import run_episode
-    agent, env = build_agent("agent.planning.candidates=6", "env.max_episode_steps=40")
+    agent, env = build_agent("agent.planning.candidates=6", "env.max_episode_steps=40",
+                             f"agent.planning.method={method}")
     collect(agent, env, 30)
     eval_env = make_env(compose_cfg(["env=pendulum", "env.max_episode_steps=40"]).env)
     results = []

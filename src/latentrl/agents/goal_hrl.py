@@ -30,6 +30,7 @@ backward pass: on a CPU the encoder forward is the cost that matters.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import gymnasium as gym
@@ -47,6 +48,7 @@ from latentrl.config import ConfigError
 REWARDS = ("distance", "cosine", "contrastive")
 CORRECTIONS = ("hac", "none")
 GOAL_SPACES = ("relative", "absolute")
+PLAN_METHODS = ("sample", "cem")
 
 
 # ----------------------------------------------------------------------------- goal-reaching rewards
@@ -240,6 +242,10 @@ class GoalHRL(Agent):
         self.optimizers = {**self.low.optimizers("low_"), **self.high.optimizers("high_"), "model": self.model_opt}
 
         self.n_candidates = int(planning.get("candidates", 8))
+        self.plan_method = planning.get("method", "sample")
+        self.cem_iterations = int(planning.get("iterations", 3))
+        self.cem_elites = int(planning.get("elites", 2))
+        self.cem_init_std = float(planning.get("init_std", 0.5))
         self.plan_q_weight = float(planning.get("q_weight", 1.0))
         dist_weight = planning.get("dist_weight")
         self.plan_dist_weight = float(high.get("reach_penalty", 1.0) if dist_weight is None else dist_weight)
@@ -284,6 +290,12 @@ class GoalHRL(Agent):
         if int(planning.get("candidates", 8)) < 0:
             raise ConfigError(f"agent.planning.candidates must be >= 0 (0 turns planning off), "
                               f"got {planning.get('candidates')}")
+        method = planning.get("method", "sample")
+        if method not in PLAN_METHODS:
+            raise ConfigError(f"agent.planning.method={method!r} is unknown: set it to one of {', '.join(PLAN_METHODS)}")
+        if method == "cem" and not 1 <= int(planning.get("elites", 2)) <= int(planning.get("candidates", 8)):
+            raise ConfigError(f"agent.planning.elites must be between 1 and agent.planning.candidates "
+                              f"({planning.get('candidates', 8)}), got {planning.get('elites')}")
 
     # ------------------------------------------------------------------ encoding helpers
     def _augment(self, obs: torch.Tensor) -> torch.Tensor:
@@ -382,43 +394,81 @@ class GoalHRL(Agent):
     def choose_goal(self, h: torch.Tensor, g: torch.Tensor, g_target: torch.Tensor,
                     explore: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(high-level action, goal) for the next k steps from h, g (online encoder) and g_target
-        (EMA encoder: relative goals are offsets from it). With planning, the actor proposes
-        candidates (evaluation: its mean first, then samples) and the best one wins by
-        q_weight x Q_high - dist_weight x the miss distance f predicts. Both terms are in the manager's
-        reward units (dist_weight defaults to reach_penalty, what a missed goal costs it) and are not
-        normalised across candidates: z-scoring near-identical candidates turned noise into choices."""
+        (EMA encoder: relative goals are offsets from it). With planning, candidates are scored by
+        plan_scores and the best wins: `sample` re-ranks the actor's own proposals (evaluation: its
+        mean first, then samples); `cem` searches around the actor's mean with the cross-entropy
+        method (`iterations` rounds of `candidates` goals, refitted to the best `elites`), so the
+        candidates are diverse rather than draws from one narrow policy. Evaluation candidates come
+        from a fixed seed (see _planning_rng)."""
         if self.n_candidates == 0:
             u = self.high.act(h, explore)
             return u, self.goal_from_action(g_target, u)
         hs = h.expand(self.n_candidates, -1)
-        if explore:
-            actions = self.high.actor(hs, with_log_prob=False)[0]
-        else:
-            actions = self._eval_candidates(hs)
-            actions[0] = self.high.act(h, explore=False)[0]
-        candidates = self.goal_from_action(g_target, actions)
-        dist = self.plan_distances(h, g, candidates)
-        score = -self.plan_dist_weight * dist
-        if self.plan_q_weight:
-            score = score + self.plan_q_weight * self.high.critic(hs, actions).min(0).values
+        with self._planning_rng(explore):
+            if self.plan_method == "cem":
+                actions, dist, score, first_dist = self._cem(h, g, hs, g_target)
+            else:
+                actions = self.high.actor(hs, with_log_prob=False)[0]
+                if not explore:
+                    actions[0] = self.high.act(h, explore=False)[0]
+                dist, score = self.plan_scores(h, g, hs, g_target, actions)
+                first_dist = dist[0]
         best = int(score.argmax())
         if explore:
             self._stat("goal/plan_dist_chosen", dist[best])
-            self._stat("goal/plan_dist_first", dist[0])
-            self._stat("goal/plan_gain", dist[0] - dist[best])
-        return actions[best:best + 1], candidates[best:best + 1]
+            self._stat("goal/plan_dist_first", first_dist)
+            self._stat("goal/plan_gain", first_dist - dist[best])
+        return actions[best:best + 1], self.goal_from_action(g_target, actions[best:best + 1])
 
-    def _eval_candidates(self, hs: torch.Tensor) -> torch.Tensor:
-        """Evaluation candidates drawn under a fixed seed (agent seed, window index in the episode) in
-        a forked RNG: an evaluation is a function of the networks and the env seed only, and leaves
-        the global (CPU and CUDA) RNG streams of training untouched."""
+    def plan_scores(self, h: torch.Tensor, g: torch.Tensor, hs: torch.Tensor, g_target: torch.Tensor,
+                    actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f's predicted miss distance, score) of candidate actions: score = q_weight x Q_high -
+        dist_weight x miss. Both terms are in the manager's reward units (dist_weight defaults to
+        reach_penalty, what a missed goal costs it) and are not normalised across candidates:
+        z-scoring near-identical candidates turned noise into choices."""
+        dist = self.plan_distances(h, g, self.goal_from_action(g_target, actions))
+        score = -self.plan_dist_weight * dist
+        if self.plan_q_weight:
+            score = score + self.plan_q_weight * self.high.critic(hs, actions).min(0).values
+        return dist, score
+
+    def _cem(self, h, g, hs, g_target):
+        """Cross-entropy search over high-level actions around the actor's mean (always a candidate,
+        so CEM never scores below the plain actor's choice). Returns the best candidate of every
+        round (actions, dist, score, stacked) and the predicted miss of the actor's mean."""
+        mean = self.high.act(h, explore=False)
+        std = torch.full_like(mean, self.cem_init_std)
+        kept_a, kept_d, kept_s, first_dist = [], [], [], None
+        for _ in range(self.cem_iterations):
+            actions = (mean + std * torch.randn(self.n_candidates, mean.shape[-1], device=self.device)).clamp(-1.0, 1.0)
+            actions[0] = mean[0]
+            dist, score = self.plan_scores(h, g, hs, g_target, actions)
+            first_dist = dist[0] if first_dist is None else first_dist
+            elite = score.topk(self.cem_elites).indices
+            mean = actions[elite].mean(0, keepdim=True)
+            std = (actions[elite].std(0, keepdim=True) if self.cem_elites > 1 else std).clamp(min=0.05)
+            best = int(score.argmax())
+            kept_a.append(actions[best]), kept_d.append(dist[best]), kept_s.append(score[best])
+        return torch.stack(kept_a), torch.stack(kept_d), torch.stack(kept_s), first_dist
+
+    def _planning_rng(self, explore: bool):
+        """Training draws planning candidates from the global RNG stream. Evaluation draws them under
+        a fixed seed (agent seed, window index in the episode) in a forked RNG: an evaluation is a
+        function of the networks and the env seed only, and leaves the global (CPU and CUDA) RNG
+        streams of training untouched."""
+        if explore:
+            return contextlib.nullcontext()
         cuda = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
             if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(self.seed * 1_000_003 + self.eval_windows)
-            actions = self.high.actor(hs, with_log_prob=False)[0]
+        seed = self.seed * 1_000_003 + self.eval_windows
         self.eval_windows += 1
-        return actions
+
+        @contextlib.contextmanager
+        def seeded():
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(seed)
+                yield
+        return seeded()
 
     def _stat(self, key: str, value) -> None:
         self.env_stats.setdefault(key, []).append(float(value))
