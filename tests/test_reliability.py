@@ -175,6 +175,45 @@ def test_sigterm_inside_a_long_update_exits_promptly_and_resumes_exactly(tmp_pat
     assert_strict_outputs(run_dir)
 
 
+def _children(pid):
+    sys.path.insert(0, str(ROOT))
+    from train import _children as children
+    return children(pid)
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_sigterm_stops_a_sweep_with_checkpoints_and_no_orphan_workers(tmp_path, n_jobs):
+    """In-process (n_jobs=1) the interrupted job must end the sweep, not start the next one; with worker
+    processes (n_jobs=2) the parent must not die alone and leave its workers training."""
+    marker = tmp_path / "in_retrain"
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "train.py", "-m", *EXACT, "agent=sac",
+                             f"agent._target_={__name__}.SlowRetrainSAC", "trainer.checkpoint_every=0", "threads=1",
+                             "trainer.total_steps=100000", "seed=0,1,2", f"hydra.launcher.n_jobs={n_jobs}",
+                             f"hydra.sweep.dir={sweep}"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env_with(RETRAIN_MARKER=marker, RETRAIN_STEP=230))
+    try:
+        deadline = time.time() + 180
+        while not marker.exists():
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "no job reached the retrain"
+            time.sleep(0.1)
+        workers = _children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    time.sleep(1)
+    assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}") and
+                open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"], "orphan workers left training"
+    jobs = sorted(d for d in sweep.iterdir() if d.is_dir() and d.name[0].isdigit())
+    assert 1 <= len(jobs) <= n_jobs, [d.name for d in jobs]  # no job started after the stop
+    for job in jobs:
+        assert (job / "checkpoints" / "last.pt").exists() and not (job / "results.json").exists(), job
+
+
 def test_stop_during_evaluation_is_prompt_and_redone_on_resume(tmp_path):
     from conftest import compose_cfg
     from latentrl.trainer import Trainer
