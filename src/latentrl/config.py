@@ -82,10 +82,11 @@ def check_output_dir(run_dir, key: str) -> None:
 
 @dataclass
 class EnvConfig:
-    id: str = "Pendulum-v1"  # gymnasium id
+    id: str = "Pendulum-v1"  # gymnasium id, or dmc (the DeepMind Control Suite, envs/dmc.py)
+    task: Optional[str] = None  # env.id=dmc: the suite's domain-task, e.g. cheetah-run
     pixels: bool = False  # observations are images (uint8, stored channels-first)
-    action_repeat: int = 1  # repeat each agent action this many env frames (rewards summed)
-    frame_stack: int = 1  # stack this many consecutive frames along channels (pixels only)
+    action_repeat: Optional[int] = 1  # repeat each agent action this many env frames (null: the env's default)
+    frame_stack: Optional[int] = 1  # stack this many frames along channels, pixels only (null: the env's default)
     resize: Optional[int] = None  # square side to resize frames to (pixels only; null keeps native)
     grayscale: bool = False  # convert RGB frames to one channel (pixels only)
     max_episode_steps: Optional[int] = None  # override the env's time limit, in env frames
@@ -129,6 +130,12 @@ def validate(cfg: DictConfig) -> None:
                 f"invalid config value at '{key}': {e.msg if hasattr(e, 'msg') else e}. "
                 f"Fix the override or YAML (expected fields: {', '.join(schema.__dataclass_fields__)})"
             ) from None
+        if group == "env":
+            from latentrl.envs.dmc import env_defaults  # lazy: latentrl.envs imports this module
+
+            for name, value in env_defaults(typed).items():
+                if typed[name] is None:  # resolved here, so frames = steps x action_repeat everywhere
+                    typed[name] = value
         for name in _NON_NEGATIVE.get(group, []):
             if typed[name] < 0:
                 raise ConfigError(f"'{group}.{name}' must be >= 0, got {typed[name]}: set {group}.{name}=<non-negative number>")

@@ -12,12 +12,15 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from latentrl.config import ConfigError
+from latentrl.envs.dmc import make_dmc
 from latentrl.envs.wrappers import ActionRepeat, FrameStack, PixelPreprocess
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo rendering; a user's choice wins
 
 
 def make_env(env_cfg: DictConfig, render_mode: str | None = None) -> gym.Env:
+    if env_cfg.id == "dmc":  # DeepMind Control Suite: our adapter, then the same wrappers (envs/dmc.py)
+        return make_dmc(env_cfg, render_mode)
     kwargs = OmegaConf.to_container(env_cfg.kwargs, resolve=True) if env_cfg.get("kwargs") else {}
     if env_cfg.get("max_episode_steps"):
         kwargs["max_episode_steps"] = int(env_cfg.max_episode_steps)
