@@ -92,6 +92,14 @@ def test_defaults_follow_the_papers():
 
 
 # ----------------------------------------------------------------------------- pixels
+def test_eval_video_frames_from_states():
+    env = make_env(dmc_cfg("env.task=reacher-easy").env, render_mode="rgb_array")  # trainer.log_eval_video=true
+    env.reset(seed=0)
+    frame = env.render()
+    assert frame.shape == (84, 84, 3) and frame.dtype == np.uint8 and frame.std() > 0
+    assert env.metadata["render_fps"] == 50  # reacher's 0.02 s control step: videos play in real time
+
+
 def test_pixel_frames_are_action_repeat_env_steps_apart():
     """The stacked observation holds the frames a twin env renders after 0, R, 2R, ... raw steps
     of the same actions (oldest first, the reset frame repeated at first)."""
