@@ -24,7 +24,7 @@ import latentrl  # noqa: F401  (registers the config resolvers a saved config ma
 from latentrl import checkpoint as ckpt_io
 from latentrl.config import ConfigError, to_plain
 from latentrl.envs import episode_seed, make_env
-from latentrl.trainer import EVAL_STREAM, build, resolve_device, run_episode
+from latentrl.trainer import EVAL_STREAM, build_agent, resolve_device, run_episode
 
 
 def locate(path: Path) -> tuple[Path, Path, DictConfig, dict]:
@@ -84,9 +84,7 @@ def evaluate(path: Path, episodes: int, seed: int | None = None, video: Path | N
     run_dir, ckpt_file, cfg, state = locate(path)
     seed = int(cfg.seed) if seed is None else seed
     env = make_env(cfg.env, render_mode="rgb_array" if video else None)
-    encoder = build(cfg.encoder, "encoder", obs_space=env.observation_space)
-    agent = build(cfg.agent, "agent", encoder=encoder, obs_space=env.observation_space,
-                  action_space=env.action_space, device=str(resolve_device(device)), seed=seed, _recursive_=False)
+    agent = build_agent(cfg, env, resolve_device(device), seed)
     try:
         agent.load_checkpoint_state(state["agent"])
     except (RuntimeError, KeyError, ValueError) as e:
@@ -94,12 +92,13 @@ def evaluate(path: Path, episodes: int, seed: int | None = None, video: Path | N
                                       f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
     seeds = [episode_seed(seed, i, EVAL_STREAM) for i in range(episodes)]
-    returns, lengths, frames = [], [], []
+    returns, lengths, successes, frames = [], [], [], []
     for i, s in enumerate(seeds):
-        ret, length = run_episode(agent, env, s, frames if (video and i == 0) else None)
+        ret, length, success = run_episode(agent, env, s, frames if (video and i == 0) else None)
         returns.append(ret)
         lengths.append(length)
-        print(f"episode {i}: return {ret:.1f} ({length} steps)")
+        successes.append(success)
+        print(f"episode {i}: return {ret:.1f} ({length} steps{'' if success is None else f', success {success}'})")
     env.close()
     if video:
         fps = float(env.metadata.get("render_fps") or 30) / max(1, int(cfg.env.action_repeat))
@@ -108,6 +107,7 @@ def evaluate(path: Path, episodes: int, seed: int | None = None, video: Path | N
             "step": state.get("counters", {}).get("step"), "seed": seed, "episodes": episodes,
             "episode_seeds": seeds, "returns": returns, "lengths": lengths,
             "return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)),
+            "success_rate": None if None in successes else float(np.mean(successes)),
             "video": str(video) if video else None}
 
 

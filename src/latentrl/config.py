@@ -92,6 +92,8 @@ class EnvConfig:
     max_episode_steps: Optional[int] = None  # override the env's time limit, in env frames
     kwargs: dict = field(default_factory=dict)  # extra keyword arguments for gymnasium.make
     buffer_size: int = 1_000_000  # default replay capacity for this env (agent configs read ${env.buffer_size})
+    map: Optional[str] = None  # maze layout of env.id=PointMaze|AntMaze: umaze | medium | large (envs/maze.py)
+    reward: Optional[str] = None  # maze reward: sparse | dense
 
 
 @dataclass

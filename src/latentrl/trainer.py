@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -31,6 +31,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from latentrl import checkpoint as ckpt_io
 from latentrl.config import ConfigError, DivergenceError, to_plain, usable_cores
 from latentrl.envs import episode_seed, make_env
+from latentrl.envs.goal import GoalFunctions, describe_space, is_goal_space, map_obs, success_of
 from latentrl.logging import Logger, strict_json
 
 log = logging.getLogger("latentrl")
@@ -104,6 +105,23 @@ def build(node: DictConfig, group: str, **kwargs):
         raise
 
 
+def build_agent(cfg: DictConfig, env, device: torch.device, seed: int):
+    """Encoder + agent for `env`'s spaces. On a goal-conditioned env the agent also gets the env's
+    goal reward functions (for hindsight relabeling); agents that cannot use goals are refused."""
+    obs_space, action_space = env.observation_space, env.action_space
+    kwargs = {}
+    if is_goal_space(obs_space):
+        if not getattr(get_class(cfg.agent._target_), "goal_conditioned", False):
+            raise ConfigError(f"{cfg.agent._target_} does not handle goal-conditioned envs (env.id={cfg.env.id}, "
+                              "dict observations): use agent=sac (SAC + HER) or agent=goal_hrl")
+        kwargs["goal_fns"] = GoalFunctions(env)
+    log.info("building encoder %s", cfg.encoder._target_)
+    encoder = build(cfg.encoder, "encoder", obs_space=obs_space)
+    log.info("building agent %s on %s", cfg.agent._target_, device)
+    return build(cfg.agent, "agent", encoder=encoder, obs_space=obs_space, action_space=action_space,
+                 device=str(device), seed=seed, _recursive_=False, **kwargs)
+
+
 def hparams_of(cfg: DictConfig) -> dict:
     """Flattened scalar settings of a run, for TensorBoard's HParams dashboard."""
     flat = {}
@@ -123,21 +141,23 @@ def hparams_of(cfg: DictConfig) -> dict:
     return flat
 
 
-def run_episode(agent, env, seed: int, frames: list | None = None, should_stop=None) -> tuple[float, int]:
-    """One deterministic evaluation episode; appends rendered frames when a list is given.
+def run_episode(agent, env, seed: int, frames: list | None = None,
+                should_stop=None) -> tuple[float, int, bool | None]:
+    """One deterministic evaluation episode -> (return, length, success at its last step, or None
+    when the env reports no success); appends rendered frames when a list is given.
     `should_stop()` is polled every step: a stop request ends the episode early (the caller
     discards it), so a SIGTERM during a long evaluation is honoured within a step."""
     agent.begin_episode(explore=False)
-    obs, _ = env.reset(seed=seed)
+    obs, info = env.reset(seed=seed)
     done, ret, length = False, 0.0, 0
     while not done and not (should_stop is not None and should_stop()):
         if frames is not None:
             frames.append(env.render())
-        obs, reward, terminated, truncated, _ = env.step(agent.act(obs, explore=False))
+        obs, reward, terminated, truncated, info = env.step(agent.act(obs, explore=False))
         ret += float(reward)
         length += 1
         done = terminated or truncated
-    return ret, length
+    return ret, length, success_of(info)
 
 
 def every(interval: int, step: int) -> bool:
@@ -155,13 +175,9 @@ class Trainer:
         self.env = make_env(cfg.env)
         self.eval_env = make_env(cfg.env, render_mode="rgb_array" if self.t.log_eval_video else None)
         self.env.action_space.seed(cfg.seed)
-        obs_space, action_space = self.env.observation_space, self.env.action_space
-        log.info("env %s: obs %s %s, action %s", cfg.env.id, obs_space.shape, obs_space.dtype, action_space.shape)
-        log.info("building encoder %s", cfg.encoder._target_)
-        encoder = build(cfg.encoder, "encoder", obs_space=obs_space)
-        log.info("building agent %s on %s", cfg.agent._target_, self.device)
-        self.agent = build(cfg.agent, "agent", encoder=encoder, obs_space=obs_space, action_space=action_space,
-                           device=str(self.device), seed=cfg.seed, _recursive_=False)
+        log.info("env %s: obs %s, action %s", getattr(self.env.unwrapped.spec, "id", cfg.env.id),
+                 describe_space(self.env.observation_space), self.env.action_space.shape)
+        self.agent = build_agent(cfg, self.env, self.device, cfg.seed)
         for name, buf in self.agent.buffers().items():
             log.info("buffer '%s': capacity %d, %d bytes per transition (%.2f GiB when full)", name, buf.capacity,
                      buf.bytes_per_transition(), buf.capacity * buf.bytes_per_transition() / 2**30)
@@ -310,7 +326,7 @@ class Trainer:
             action = self.agent.act_random(self.obs)
         else:
             action = self.agent.act(self.obs, explore=True)
-        next_obs, reward, terminated, truncated, _ = self.env.step(action)
+        next_obs, reward, terminated, truncated, info = self.env.step(action)
         self.agent.observe(self.obs, action, float(reward), next_obs, bool(terminated), bool(truncated))
         self.episode_actions.append(np.asarray(action, dtype=np.float32))
         self.episode_return += float(reward)
@@ -318,8 +334,10 @@ class Trainer:
         self.step += 1
         if terminated or truncated:
             self.last_return = self.episode_return
-            self.logger.scalars({"train/episode_return": self.episode_return,
-                                 "train/episode_length": self.episode_length}, self.step)
+            ended = {"train/episode_return": self.episode_return, "train/episode_length": self.episode_length}
+            if success_of(info) is not None:
+                ended["train/episode_success"] = float(success_of(info))
+            self.logger.scalars(ended, self.step)
             self.episode += 1
             self.obs = self._reset_episode()
         else:
@@ -338,18 +356,20 @@ class Trainer:
         evaluating never changes the training run. A stop request abandons it (returns None) and
         marks it pending, so the resumed run evaluates at this step first."""
         global_rng, agent_rng = ckpt_io.rng_state(), self.agent.np_rng.bit_generator.state
-        returns, lengths, frames = [], [], []
+        returns, lengths, successes, frames = [], [], [], []
         self.eval_pending = True
         try:
             for i in range(self.t.eval_episodes):
                 record = self.t.log_eval_video and i == 0
-                ret, length = run_episode(self.agent, self.eval_env, episode_seed(self.cfg.seed, i, EVAL_STREAM),
-                                          frames if record else None, should_stop=self.should_stop)
+                ret, length, success = run_episode(self.agent, self.eval_env,
+                                                   episode_seed(self.cfg.seed, i, EVAL_STREAM),
+                                                   frames if record else None, should_stop=self.should_stop)
                 if self.stop_requested:
                     log.info("evaluation at step %d interrupted; the resumed run redoes it", self.step)
                     return None
                 returns.append(ret)
                 lengths.append(length)
+                successes.append(success)
         finally:
             ckpt_io.set_rng_state(global_rng)
             self.agent.np_rng.bit_generator.state = agent_rng
@@ -357,14 +377,17 @@ class Trainer:
         metrics = {"eval/return_mean": float(np.mean(returns)) if returns else float("nan"),
                    "eval/return_std": float(np.std(returns)) if returns else float("nan"),
                    "eval/episode_length": float(np.mean(lengths)) if lengths else float("nan")}
+        if successes and None not in successes:  # goal-conditioned envs: share of episodes ending at the goal
+            metrics["eval/success_rate"] = float(np.mean(successes))
         self.logger.scalars(metrics, self.step)
         for name, img in self.agent.images().items():
             self.logger.image(name, img, self.step)
         if frames:
             self.logger.video("eval/video", frames, self.step)
         self.logger.flush()
-        log.info("step %d: eval return %.1f +- %.1f over %d episodes", self.step, metrics["eval/return_mean"],
-                 metrics["eval/return_std"], len(returns))
+        log.info("step %d: eval return %.1f +- %.1f over %d episodes%s", self.step, metrics["eval/return_mean"],
+                 metrics["eval/return_std"], len(returns),
+                 f", success rate {metrics['eval/success_rate']:.2f}" if "eval/success_rate" in metrics else "")
         self.last_eval = {**metrics, "returns": returns, "step": self.step}
         if returns and not math.isfinite(metrics["eval/return_mean"]):
             self._diverged(["eval/return_mean"], self.step)
@@ -403,7 +426,7 @@ class Trainer:
                          "eval_pending": self.eval_pending},
             "episode_actions": torch.as_tensor(np.array(self.episode_actions, dtype=np.float32).reshape(
                 len(self.episode_actions), self.agent.action_dim)),
-            "obs": torch.as_tensor(np.asarray(self.obs)),
+            "obs": map_obs(lambda o: torch.as_tensor(np.asarray(o)), self.obs),
             "last_eval": {k: v for k, v in self.last_eval.items()},
             "rng": ckpt_io.rng_state(),
             "agent": agent_state,
@@ -459,7 +482,10 @@ class Trainer:
         obs, _ = self.env.reset(seed=episode_seed(self.cfg.seed, self.episode))
         for action in state["episode_actions"].numpy():
             obs, *_ = self.env.step(action)
-        if not np.array_equal(np.asarray(obs), state["obs"].numpy()):
+        saved = state["obs"] if isinstance(state["obs"], dict) else {None: state["obs"]}
+        replayed = obs if isinstance(obs, dict) else {None: obs}
+        if saved.keys() != replayed.keys() or not all(np.array_equal(np.asarray(replayed[k]), saved[k].numpy())
+                                                       for k in saved):
             log.warning("replaying the running episode did not reproduce its observation (non-deterministic env); "
                         "continuing from the replayed state")
         self.obs = obs

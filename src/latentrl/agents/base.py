@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from latentrl.buffers import ReplayBuffer
+from latentrl.envs.goal import map_obs
 
 
 class Agent(nn.Module):
@@ -14,7 +15,13 @@ class Agent(nn.Module):
 
     Subclasses register their networks as submodules (so module parameters and targets are
     checkpointed by `checkpoint_state`), list their optimizers in `self.optimizers`, and keep any
-    other state they need to resume exactly (current goal, counters) in `extra_state`."""
+    other state they need to resume exactly (current goal, counters) in `extra_state`.
+
+    Agents that can learn on goal-conditioned envs (dict observations) set `goal_conditioned` and
+    take a `goal_fns` argument (latentrl.envs.goal.GoalFunctions: the env's reward and termination
+    as functions of goals, for hindsight relabeling); the trainer refuses such envs for the others."""
+
+    goal_conditioned = False
 
     def __init__(self, action_space, device: str | torch.device = "cpu", seed: int = 0):
         super().__init__()
@@ -74,6 +81,7 @@ class Agent(nn.Module):
         self.load_extra_state(state["extra"])
 
     # -- helpers shared by agents
-    def obs_tensor(self, obs: np.ndarray) -> torch.Tensor:
-        """One observation -> a batch of one on the agent's device (dtype kept: pixels stay uint8)."""
-        return torch.as_tensor(np.asarray(obs), device=self.device).unsqueeze(0)
+    def obs_tensor(self, obs):
+        """One observation -> a batch of one on the agent's device (dtype kept: pixels stay uint8; a
+        dict observation gives a dict of such tensors)."""
+        return map_obs(lambda o: torch.as_tensor(np.asarray(o), device=self.device).unsqueeze(0), obs)

@@ -6,7 +6,11 @@ detached features, and observations get random-shift augmentation.
 
 `SACCore` is the part the latent agents reuse: actor, twin critic, temperature and their update
 steps over *features* (encoded observations, latents, or observation+goal vectors). `SAC` wraps
-it with an encoder and a replay buffer into a full agent."""
+it with an encoder and a replay buffer into a full agent.
+
+On a goal-conditioned env (dict observations) `SAC` is SAC + HER: the encoder reads the observation
+and the desired goal, and `her.relabel_fraction` of every batch is relabelled with goals achieved
+later in the same episode (buffers/her.py)."""
 
 from __future__ import annotations
 
@@ -21,6 +25,9 @@ import torch.nn.functional as F
 from latentrl.agents.base import Agent
 from latentrl.agents.networks import SquashedGaussianActor, TwinCritic, random_shift, soft_update
 from latentrl.buffers import ReplayBuffer
+from latentrl.buffers.her import relabel_future
+from latentrl.config import ConfigError
+from latentrl.envs.goal import GoalFunctions, obs_layout
 
 
 class SACCore(nn.Module):
@@ -105,14 +112,16 @@ class SACCore(nn.Module):
 
 
 class SAC(Agent):
-    """SAC on encoded observations (identity/MLP for vectors, CNN + DrQ for pixels)."""
+    """SAC on encoded observations (identity/MLP for vectors, CNN + DrQ for pixels; + HER on goal envs)."""
+
+    goal_conditioned = True
 
     def __init__(self, encoder: nn.Module, obs_space: gym.spaces.Box, action_space: gym.spaces.Box,
                  device: str = "cpu", seed: int = 0, hidden_dims=(256, 256), lr: float = 3e-4,
                  gamma: float = 0.99, tau: float = 0.005, batch_size: int = 256, buffer_size: int = 1_000_000,
                  init_temperature: float = 1.0, target_entropy: float | None = None,
                  actor_update_every: int = 1, target_update_every: int = 1, augment_pad: int = 4,
-                 critic_layernorm: bool = False):
+                 critic_layernorm: bool = False, her=None, goal_fns: GoalFunctions | None = None):
         super().__init__(action_space, device, seed)
         action_dim = self.action_dim
         self.encoder = encoder
@@ -123,7 +132,12 @@ class SAC(Agent):
         self.batch_size = batch_size
         self.actor_update_every, self.target_update_every = actor_update_every, target_update_every
         self.augment_pad = augment_pad if getattr(encoder, "is_pixel", False) else 0
-        self.replay = ReplayBuffer(buffer_size, obs_space.shape, obs_space.dtype, action_dim, seed=seed)
+        self.replay = ReplayBuffer(buffer_size, *obs_layout(obs_space), action_dim, seed=seed)
+        self.goal_fns = goal_fns
+        fraction = float((her or {}).get("relabel_fraction", 0.8))
+        if not 0.0 <= fraction <= 1.0:
+            raise ConfigError(f"agent.her.relabel_fraction must be in [0, 1], got {fraction}")
+        self.her_fraction = fraction if goal_fns is not None else 0.0  # HER needs the env's goal reward
         self.num_updates = 0
         self.to(self.device)
 
@@ -143,11 +157,15 @@ class SAC(Agent):
 
     def update(self, step: int) -> dict:
         b = self.replay.sample(self.batch_size, self.device)
+        if self.her_fraction:
+            relabel_future(b, self.replay, self.goal_fns, self.her_fraction)
         feat = self.encoder(self._augment(b["obs"]))
         with torch.no_grad():
             next_feat = self.encoder(self._augment(b["next_obs"]))
         discount = self.sac.gamma * (1.0 - b["terminated"])
         metrics = self.sac.update_critic(feat, b["action"], b["reward"], next_feat, discount)
+        if self.goal_fns is not None:  # share of goal-reaching rewards the critic sees (sparse rewards: HER's point)
+            metrics["train/batch_reward"] = b["reward"].mean()
         if self.num_updates % self.actor_update_every == 0:
             metrics.update(self.sac.update_actor_and_alpha(feat.detach()))
         if self.num_updates % self.target_update_every == 0:

@@ -4,7 +4,8 @@ Each observation is stored once: slot i holds obs_i, and when `valid[i]` it also
 transition i -> i+1 (action, reward, terminated), whose next observation is obs at slot i+1.
 At an episode end the final observation takes a slot of its own that is not a transition start,
 so pixel replay costs one frame per transition, not two. `terminated` stops bootstrapping;
-a time-limit truncation only ends the episode.
+a time-limit truncation only ends the episode. Dict observations (goal-conditioned envs) are
+stored the same way, one array per key.
 
 Episode bookkeeping (episode id, last slot of each episode) supports hindsight relabeling:
 `sample_future(idx)` draws a later slot of the same episode (HER's "future" strategy).
@@ -18,21 +19,27 @@ import numpy as np
 import torch
 
 from latentrl.config import ConfigError
+from latentrl.envs.goal import map_obs
 
 
 class ReplayBuffer:
-    def __init__(self, capacity: int, obs_shape: tuple, obs_dtype, action_dim: int, seed: int = 0,
+    def __init__(self, capacity: int, obs_shape: tuple | dict, obs_dtype, action_dim: int, seed: int = 0,
                  extras: Mapping[str, tuple] | None = None):
-        """extras: name -> (shape, dtype) of per-transition fields an agent stores beside the core ones."""
+        """obs_shape, obs_dtype: of one observation, or {key: shape}, {key: dtype} for dict observations
+        (latentrl.envs.goal.obs_layout gives either from a space).
+        extras: name -> (shape, dtype) of per-transition fields an agent stores beside the core ones."""
         if capacity < 2:
             raise ValueError(f"replay capacity must be >= 2, got {capacity}")
         self.capacity = int(capacity)
+        layout = ({k: (tuple(v), np.dtype(obs_dtype[k])) for k, v in obs_shape.items()} if isinstance(obs_shape, dict)
+                  else {None: (tuple(obs_shape), np.dtype(obs_dtype))})
         try:
-            self.obs = np.zeros((capacity, *obs_shape), dtype=obs_dtype)
+            arrays = {k: np.zeros((capacity, *shape), dtype=dt) for k, (shape, dt) in layout.items()}
         except MemoryError:
-            need = capacity * int(np.prod(obs_shape)) * np.dtype(obs_dtype).itemsize / 2**30
-            raise ConfigError(f"a replay of {capacity} observations of shape {tuple(obs_shape)} needs {need:.1f} GiB, "
+            need = capacity * sum(int(np.prod(shape)) * dt.itemsize for shape, dt in layout.values()) / 2**30
+            raise ConfigError(f"a replay of {capacity} observations of shape {obs_shape} needs {need:.1f} GiB, "
                               "more than this machine can allocate: lower agent.buffer_size") from None
+        self.obs = arrays if isinstance(obs_shape, dict) else arrays[None]  # an array, or a dict of arrays
         self.action = np.zeros((capacity, action_dim), dtype=np.float32)
         self.reward = np.zeros(capacity, dtype=np.float32)
         self.terminated = np.zeros(capacity, dtype=bool)
@@ -49,12 +56,19 @@ class ReplayBuffer:
         self.episode_first = 0  # first slot of the running episode
 
     # ---------------------------------------------------------------- writing
+    def _obs_arrays(self) -> dict:
+        return self.obs if isinstance(self.obs, dict) else {"obs": self.obs}
+
     def bytes_per_transition(self) -> int:
-        per_slot = self.obs[0].nbytes + self.action[0].nbytes + 4 + 1 + 1 + 8 + 8
+        per_slot = sum(a[0].nbytes for a in self._obs_arrays().values()) + self.action[0].nbytes + 4 + 1 + 1 + 8 + 8
         return per_slot + sum(a[0].nbytes for a in self.extras.values())
 
-    def _write_obs(self, slot: int, obs: np.ndarray) -> None:
-        self.obs[slot] = obs
+    def _write_obs(self, slot: int, obs) -> None:
+        if isinstance(self.obs, dict):
+            for k, arr in self.obs.items():
+                arr[slot] = obs[k]
+        else:
+            self.obs[slot] = obs
         self.valid[slot] = False
         self.episode[slot] = self.episode_id
         self.episode_last[slot] = -1
@@ -103,6 +117,13 @@ class ReplayBuffer:
             bad = ~self.valid[idx]
         return idx
 
+    def obs_at(self, slots: np.ndarray, device: torch.device | str | None = None):
+        """Observations at `slots`, shaped like what was stored (an array or a dict of arrays);
+        tensors on `device` when one is given."""
+        if device is None:
+            return map_obs(lambda a: a[slots], self.obs)
+        return map_obs(lambda a: torch.as_tensor(a[slots], device=device), self.obs)
+
     def next_idx(self, idx: np.ndarray) -> np.ndarray:
         return (idx + 1) % self.capacity
 
@@ -141,7 +162,7 @@ class ReplayBuffer:
         t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
         trans = slots[:, :horizon]
         batch = {
-            "obs": t(self.obs[slots]),
+            "obs": self.obs_at(slots, device),
             "action": t(self.action[trans]),
             "reward": t(self.reward[trans] * mask),
             "terminated": t(self.terminated[trans].astype(np.float32) * mask),
@@ -160,10 +181,10 @@ class ReplayBuffer:
         nxt = self.next_idx(idx)
         t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
         batch = {
-            "obs": t(self.obs[idx]),
+            "obs": self.obs_at(idx, device),
             "action": t(self.action[idx]),
             "reward": t(self.reward[idx]),
-            "next_obs": t(self.obs[nxt]),
+            "next_obs": self.obs_at(nxt, device),
             "terminated": t(self.terminated[idx].astype(np.float32)),
             "idx": idx,
         }
@@ -172,12 +193,13 @@ class ReplayBuffer:
         return batch
 
     # ---------------------------------------------------------------- checkpointing
-    _ARRAYS = ("obs", "action", "reward", "terminated", "valid", "episode", "episode_last")
+    _ARRAYS = ("action", "reward", "terminated", "valid", "episode", "episode_last")  # and obs (an array or a dict)
     _SCALARS = ("ptr", "size", "num_transitions", "episode_id", "episode_open", "episode_first")
 
     def state_dict(self) -> dict:
         n = self.size
         state = {k: torch.from_numpy(np.ascontiguousarray(getattr(self, k)[:n])) for k in self._ARRAYS}
+        state["obs"] = map_obs(lambda a: torch.from_numpy(np.ascontiguousarray(a[:n])), self.obs)
         state["extras"] = {k: torch.from_numpy(np.ascontiguousarray(v[:n])) for k, v in self.extras.items()}
         state.update({k: getattr(self, k) for k in self._SCALARS})
         state["rng"] = self.rng.bit_generator.state
@@ -188,9 +210,14 @@ class ReplayBuffer:
         if state["capacity"] != self.capacity:
             raise ValueError(f"checkpointed buffer has capacity {state['capacity']}, config says {self.capacity}")
         n = state["size"]
-        for k in self._ARRAYS:
-            src = state[k].numpy()
-            dst = getattr(self, k)
+        saved_obs = state["obs"] if isinstance(state["obs"], dict) else {"obs": state["obs"]}
+        if saved_obs.keys() != self._obs_arrays().keys():
+            raise ValueError(f"checkpointed buffer observations have keys {sorted(saved_obs)}, expected "
+                             f"{sorted(self._obs_arrays())}")
+        fields = [(k, saved_obs[k], dst) for k, dst in self._obs_arrays().items()]
+        fields += [(k, state[k], getattr(self, k)) for k in self._ARRAYS]
+        for k, src, dst in fields:
+            src = src.numpy()
             if src.shape[1:] != dst.shape[1:]:
                 raise ValueError(f"checkpointed buffer field '{k}' has shape {src.shape[1:]}, expected {dst.shape[1:]}")
             dst[:n] = src

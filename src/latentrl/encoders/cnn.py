@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from latentrl.config import ConfigError
 from latentrl.envs import is_pixel_space
+from latentrl.envs.goal import describe_space
 
 
 class CNNEncoder(nn.Module):
@@ -19,7 +20,7 @@ class CNNEncoder(nn.Module):
         super().__init__()
         if not is_pixel_space(obs_space):
             raise ConfigError(f"encoder=cnn needs pixel observations (uint8, channels-first), but the env gives "
-                              f"shape {obs_space.shape} {obs_space.dtype}: use encoder=mlp (or encoder=identity)")
+                              f"{describe_space(obs_space)}: use encoder=mlp (or encoder=identity)")
         in_ch, h, w = obs_space.shape
         layers = []
         for ch in channels:

@@ -1,4 +1,5 @@
-"""Encoders for vector observations."""
+"""Encoders for vector observations, and for the dict observations of goal-conditioned envs (they
+read the observation and the desired goal, concatenated: latentrl.envs.goal.policy_input)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,20 @@ import torch.nn as nn
 
 from latentrl.config import ConfigError
 from latentrl.envs import is_pixel_space
+from latentrl.envs.goal import is_goal_space, policy_input, policy_input_dim
 
 
 def _vector_dim(obs_space: gym.Space, name: str) -> int:
     if is_pixel_space(obs_space):
         raise ConfigError(f"encoder={name} cannot read pixel observations of shape {obs_space.shape}: "
                           "use encoder=cnn")
+    if is_goal_space(obs_space):
+        return policy_input_dim(obs_space)
     return int(np.prod(obs_space.shape))
+
+
+def _flat(obs) -> torch.Tensor:
+    return policy_input(obs) if isinstance(obs, dict) else obs.flatten(1).float()
 
 
 class MLPEncoder(nn.Module):
@@ -36,7 +44,7 @@ class MLPEncoder(nn.Module):
         self.out_dim = feature_dim
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(obs.flatten(1).float())
+        return self.net(_flat(obs))
 
 
 class IdentityEncoder(nn.Module):
@@ -49,4 +57,4 @@ class IdentityEncoder(nn.Module):
         self.out_dim = _vector_dim(obs_space, "identity")
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return obs.flatten(1).float()
+        return _flat(obs)

@@ -13,6 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from latentrl.config import ConfigError
 from latentrl.envs.dmc import make_dmc
+from latentrl.envs.goal import is_goal_space
+from latentrl.envs.maze import is_maze, make_maze
 from latentrl.envs.wrappers import ActionRepeat, FrameStack, PixelPreprocess
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo rendering; a user's choice wins
@@ -27,7 +29,7 @@ def make_env(env_cfg: DictConfig, render_mode: str | None = None) -> gym.Env:
     if render_mode:
         kwargs["render_mode"] = render_mode
     try:
-        env = gym.make(env_cfg.id, **kwargs)
+        env = make_maze(env_cfg, kwargs) if is_maze(env_cfg.id) else gym.make(env_cfg.id, **kwargs)
     except gym.error.Error as e:
         raise ConfigError(f"env.id='{env_cfg.id}' could not be made ({e}); pick one of conf/env/*.yaml") from None
     if not isinstance(env.action_space, gym.spaces.Box):
@@ -35,6 +37,9 @@ def make_env(env_cfg: DictConfig, render_mode: str | None = None) -> gym.Env:
                           "latentrl agents need continuous (Box) actions")
     ones = np.ones(env.action_space.shape, dtype=np.float32)
     env = gym.wrappers.RescaleAction(env, -ones, ones)
+    if is_goal_space(env.observation_space) and (env_cfg.pixels or env_cfg.action_repeat > 1):
+        raise ConfigError(f"{env_cfg.id} is goal-conditioned (dict observations): set env.pixels=false and "
+                          "env.action_repeat=1 (hindsight relabeling recomputes one env step's reward)")
     if env_cfg.pixels:
         shape = env.observation_space.shape
         if len(shape) != 3:

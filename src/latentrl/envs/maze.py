@@ -1,0 +1,47 @@
+"""gymnasium-robotics mazes (`env=pointmaze`, `env=antmaze`): long-horizon, goal-conditioned tasks.
+
+The config names a family (`env.id`: PointMaze | AntMaze), a layout (`env.map`) and a reward
+(`env.reward`); the gymnasium id follows from them: PointMaze_<Map>[Dense]-v3, AntMaze_<Map>[Dense]-v5.
+Every reset draws a start and a goal cell from the env's own seeded RNG (so training episodes get
+fresh goals and evaluation episodes, reset with fixed seeds, the same goals every time).
+gymnasium_robotics is imported only here: importing it re-registers some of gymnasium's old v2/v3
+MuJoCo ids, which no other env should depend on."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import gymnasium as gym
+from omegaconf import DictConfig
+
+from latentrl.config import ConfigError
+
+VERSIONS = {"PointMaze": "v3", "AntMaze": "v5"}  # the families env.id may name
+MAPS = {"umaze": "UMaze", "medium": "Medium", "large": "Large"}
+REWARDS = ("sparse", "dense")
+
+
+def is_maze(env_id: str) -> bool:
+    return env_id in VERSIONS
+
+
+def maze_id(family: str, map_name, reward) -> str:
+    """The gymnasium id of a maze, or ConfigError naming the key to fix."""
+    if map_name not in MAPS:
+        raise ConfigError(f"env.map={map_name!r} is not a {family} layout: set env.map to one of {', '.join(MAPS)}")
+    if reward not in REWARDS:
+        raise ConfigError(f"env.reward={reward!r} is unknown: set env.reward to one of {', '.join(REWARDS)}")
+    return f"{family}_{MAPS[map_name]}{'Dense' if reward == 'dense' else ''}-{VERSIONS[family]}"
+
+
+def make_maze(env_cfg: DictConfig, kwargs: dict) -> gym.Env:
+    env_id = maze_id(env_cfg.id, env_cfg.get("map"), env_cfg.get("reward"))
+    # the package prints a notice about its Adroit envs on import (one stderr line, unrelated to mazes)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            import gymnasium_robotics  # noqa: F401  (registers the maze ids)
+    except ImportError:
+        raise ConfigError(f"env.id={env_cfg.id} needs the gymnasium-robotics package: pip install -e . "
+                          "(it is a latentrl dependency) or pip install gymnasium-robotics") from None
+    return gym.make(env_id, **kwargs)
