@@ -335,7 +335,7 @@ class GoalHRL(Agent):
     # ------------------------------------------------------------------ acting
     @staticmethod
     def _fresh_state() -> dict:
-        return {"goal": None, "action": None, "t": 0, "start_dist": 0.0}
+        return {"goal": None, "action": None, "t": 0, "start_dist": 0.0, "start_latent": None}
 
     def _open_window(self, explore: bool, g_start: torch.Tensor, u: torch.Tensor, goal: torch.Tensor) -> None:
         """Adopt a new goal; its distance from the start latent is what the window's success and
@@ -343,6 +343,7 @@ class GoalHRL(Agent):
         s = self.state[explore]
         s["action"], s["goal"], s["t"] = u[0].cpu().numpy(), goal[0].cpu().numpy(), 0
         s["start_dist"] = float(goal_distance(g_start, goal)[0])
+        s["start_latent"] = g_start[0].cpu().numpy()
 
     def begin_episode(self, explore: bool) -> None:
         self.state[explore] = self._fresh_state()
@@ -480,7 +481,7 @@ class GoalHRL(Agent):
                         goal_age=s["t"] - 1)
         if self.pending is None:
             self.pending = {"obs": np.asarray(obs), "goal": s["goal"], "action": s["action"], "reward": 0.0, "steps": 0,
-                            "start_dist": s["start_dist"]}
+                            "start_dist": s["start_dist"], "start_latent": s["start_latent"]}
         self.pending["reward"] += float(reward)
         self.pending["steps"] += 1
         if self.pending["steps"] >= self.k or terminated or truncated:
@@ -495,12 +496,20 @@ class GoalHRL(Agent):
         self.high_replay.add(p["obs"], p["action"], p["reward"], next_obs, terminated, truncated, steps=p["steps"])
         with torch.no_grad():
             achieved = self.target_goals(self.obs_tensor(next_obs))[1][0]
-            dist = float(goal_distance(achieved, torch.as_tensor(p["goal"], device=self.device)))
+            goal = torch.as_tensor(p["goal"], device=self.device)
+            dist = float(goal_distance(achieved, goal))
+            # chance level: the same window scored against its goal mirrored through the start latent
+            # (as far away, the opposite way); a worker that ignores its goal reaches both alike
+            start_latent = torch.as_tensor(p["start_latent"], device=self.device)
+            mirror = (2 * start_latent - goal).clamp(-1.0, 1.0)
+            mirror_dist = float(goal_distance(achieved, mirror))
+            mirror_start = float(goal_distance(start_latent, mirror))
         start = float(p["start_dist"])
         self._stat("goal/window_distance", dist)
         self._stat("goal/start_distance", start)
         self._stat("goal/progress", start - dist)
         self._stat("goal/relative_success", float(dist < self.success_ratio * start))
+        self._stat("goal/relative_success_mirror", float(mirror_dist < self.success_ratio * mirror_start))
         self.pending = None
         self.state[True]["t"] = self.k  # the next act() starts a new window
 
