@@ -26,6 +26,12 @@ Two SAC levels share one observation encoder:
 
 One update() computes every loss that touches the encoder on the same batch and takes one
 backward pass: on a CPU the encoder forward is the cost that matters.
+
+On a goal-conditioned env (env=pointmaze, antmaze) the encoder reads the observation and the task's
+desired goal, so the manager proposes latent subgoals conditioned on the task goal while the worker
+reaches latent subgoals as anywhere else; the manager's windows also get HER on the task goal
+(`high.task_relabel_fraction`: goals achieved later in the episode, the window scored by the env's
+reward where it ended, as HAC's hindsight goal transitions).
 """
 
 from __future__ import annotations
@@ -43,7 +49,9 @@ from latentrl.agents.base import Agent
 from latentrl.agents.networks import PixelDecoder, mlp, random_shift, soft_update
 from latentrl.agents.sac import SACCore
 from latentrl.buffers import ReplayBuffer
+from latentrl.buffers.her import relabel_future
 from latentrl.config import ConfigError
+from latentrl.envs.goal import GoalFunctions, is_goal_space, map_obs, obs_layout, policy_input_dim, vector_input
 
 REWARDS = ("distance", "cosine", "contrastive")
 CORRECTIONS = ("hac", "none")
@@ -165,11 +173,14 @@ class RunningMean(nn.Module):
 
 # ----------------------------------------------------------------------------- the agent
 class GoalHRL(Agent):
+    goal_conditioned = True
+
     def __init__(self, encoder: nn.Module, obs_space: gym.spaces.Box, action_space: gym.spaces.Box,
                  device: str = "cpu", seed: int = 0, goal_dim: int = 64, k: int = 10, reward: str = "distance",
                  lr: float = 3e-4, batch_size: int = 256, buffer_size: int = 1_000_000, encoder_tau: float = 0.01,
                  augment_pad: int = 4, actor_update_every: int = 1, success_ratio: float = 0.5,
-                 low=None, high=None, model=None, decoder=None, contrastive=None, planning=None):
+                 low=None, high=None, model=None, decoder=None, contrastive=None, planning=None,
+                 goal_fns: GoalFunctions | None = None):
         super().__init__(action_space, device, seed)
         self.seed = int(seed)
         low, high, model = dict(low or {}), dict(high or {}), dict(model or {})
@@ -180,7 +191,8 @@ class GoalHRL(Agent):
         self.encoder_tau, self.success_ratio = float(encoder_tau), float(success_ratio)
         self.is_pixel = bool(getattr(encoder, "is_pixel", False))
         self.augment_pad = int(augment_pad) if self.is_pixel else 0
-        self.obs_shape = tuple(obs_space.shape)
+        # what the decoder reconstructs: the observation, or what the encoder reads of a goal env's dict
+        self.obs_shape = (policy_input_dim(obs_space),) if is_goal_space(obs_space) else tuple(obs_space.shape)
         feat_dim, d, n_act = encoder.out_dim, self.goal_dim, self.action_dim
 
         # goal encoder, its EMA copy, decoder, goal transition model, optional contrastive critic
@@ -221,6 +233,8 @@ class GoalHRL(Agent):
         self.high = sac_core(high, feat_dim, d)
         self.high_correction = high.get("correction", "hac")
         self.high_relabel = float(high.get("relabel_fraction", 0.5)) if self.high_correction == "hac" else 0.0
+        self.goal_fns = goal_fns  # the env's goal reward (goal-conditioned envs only)
+        self.task_relabel = float(high.get("task_relabel_fraction", 0.5)) if goal_fns is not None else 0.0
         self.high_reward_scale = float(high.get("reward_scale", 1.0))
         self.reach_penalty = float(high.get("reach_penalty", 1.0))
         self.high_batch = int(high.get("batch_size", self.batch_size))
@@ -254,9 +268,9 @@ class GoalHRL(Agent):
         # action u and the step's age in its window, which locates the window's start observation), so
         # the goal is re-derived with the current EMA encoder at sample time instead of going stale;
         # the high level stores one transition per k-step window (start obs, u, summed reward, length)
-        self.replay = ReplayBuffer(buffer_size, obs_space.shape, obs_space.dtype, n_act, seed=seed,
+        self.replay = ReplayBuffer(buffer_size, *obs_layout(obs_space), n_act, seed=seed,
                                    extras={"goal_action": ((d,), np.float32), "goal_age": ((), np.int64)})
-        self.high_replay = ReplayBuffer(max(2, buffer_size // self.k + 2), obs_space.shape, obs_space.dtype, d,
+        self.high_replay = ReplayBuffer(max(2, buffer_size // self.k + 2), *obs_layout(obs_space), d,
                                         seed=seed + 1, extras={"steps": ((), np.int64)})
 
         # acting state, kept apart for training (explore=True) and evaluation episodes
@@ -284,7 +298,8 @@ class GoalHRL(Agent):
             raise ConfigError(f"agent.high.goal_space={goal_space!r} is unknown: "
                               f"set it to one of {', '.join(GOAL_SPACES)}")
         for key, value in (("low.relabel_fraction", low.get("relabel_fraction", 0.5)),
-                           ("high.relabel_fraction", high.get("relabel_fraction", 0.5))):
+                           ("high.relabel_fraction", high.get("relabel_fraction", 0.5)),
+                           ("high.task_relabel_fraction", high.get("task_relabel_fraction", 0.5))):
             if not 0.0 <= float(value) <= 1.0:
                 raise ConfigError(f"agent.{key} must be in [0, 1], got {value}")
         if int(planning.get("candidates", 8)) < 0:
@@ -480,8 +495,8 @@ class GoalHRL(Agent):
         self.replay.add(obs, action, reward, next_obs, terminated, truncated, goal_action=s["action"],
                         goal_age=s["t"] - 1)
         if self.pending is None:
-            self.pending = {"obs": np.asarray(obs), "goal": s["goal"], "action": s["action"], "reward": 0.0, "steps": 0,
-                            "start_dist": s["start_dist"], "start_latent": s["start_latent"]}
+            self.pending = {"obs": map_obs(np.asarray, obs), "goal": s["goal"], "action": s["action"], "reward": 0.0,
+                            "steps": 0, "start_dist": s["start_dist"], "start_latent": s["start_latent"]}
         self.pending["reward"] += float(reward)
         self.pending["steps"] += 1
         if self.pending["steps"] >= self.k or terminated or truncated:
@@ -584,8 +599,8 @@ class GoalHRL(Agent):
             slots, mask = self.sequence_slots(idx[:n], self.f_horizon)
             mask = torch.as_tensor(mask, device=self.device)
             acts = torch.as_tensor(rb.action[slots], device=self.device)
-            reached = torch.as_tensor(rb.obs[(slots[:, 1:] + 1) % rb.capacity], device=self.device)
-            ht, gt = self.target_goals(reached.flatten(0, 1))
+            reached = rb.obs_at((slots[:, 1:] + 1) % rb.capacity, self.device)
+            ht, gt = self.target_goals(map_obs(lambda o: o.flatten(0, 1), reached))
             ht, gt = ht.unflatten(0, (n, self.f_horizon - 1)), gt.unflatten(0, (n, self.f_horizon - 1))
             gp, hp = g_pred[:n], h_pred[:n]
             for j in range(1, self.f_horizon):
@@ -610,7 +625,7 @@ class GoalHRL(Agent):
         u = torch.as_tensor(self.replay.extras["goal_action"][idx], device=self.device)
         if not self.relative_goals:
             return u
-        start_obs = torch.as_tensor(self.replay.obs[self.window_start_slots(idx)], device=self.device)
+        start_obs = self.replay.obs_at(self.window_start_slots(idx), self.device)
         return self.goal_from_action(self.target_goals(start_obs)[1], u)
 
     def sample_low(self) -> dict:
@@ -629,7 +644,7 @@ class GoalHRL(Agent):
         rows = (np.arange(self.batch_size) if self.contrastive is not None
                 else np.flatnonzero(b["relabeled"].cpu().numpy()))
         if len(rows):
-            future_goal = self.target_goals(torch.as_tensor(self.replay.obs[future[rows]], device=self.device))[1]
+            future_goal = self.target_goals(self.replay.obs_at(future[rows], self.device))[1]
             b["future_goal"] = torch.zeros_like(b["goal"]).index_copy_(0, torch.as_tensor(rows, device=self.device),
                                                                         future_goal)
             b["goal"] = torch.where(b["relabeled"].unsqueeze(-1), b["future_goal"], b["goal"])
@@ -639,8 +654,11 @@ class GoalHRL(Agent):
         """A high-level batch ready for the critic: HAC's hindsight action (a `high.relabel_fraction`
         share of windows get the action that would have proposed the goal actually reached) and
         subgoal testing as a penalty (a proposal missed by distance D costs reach_penalty * D; 0 when
-        relabeled). Achieved goals and next-state features come from the EMA encoder."""
+        relabeled). Achieved goals and next-state features come from the EMA encoder. On goal envs a
+        `high.task_relabel_fraction` share first gets HER on the task goal (buffers/her.py, over windows)."""
         hb = self.high_replay.sample(self.high_batch, self.device)
+        if self.task_relabel:
+            relabel_future(hb, self.high_replay, self.goal_fns, self.task_relabel)
         hb["next_feat"], achieved = self.target_goals(hb["next_obs"])
         start = self.target_goals(hb["obs"])[1] if self.relative_goals or self.adapt_scale else None
         if self.adapt_scale:
@@ -676,7 +694,7 @@ class GoalHRL(Agent):
         f_loss, f_info = self.f_rollout_loss(b["idx"], h, g, h_next_t, g_next_t)
         metrics.update(f_info)
         nr = min(self.recon_batch, len(g))
-        recon_target = obs_in[:nr].float() / 255.0 - 0.5 if self.is_pixel else obs_in[:nr].flatten(1).float()
+        recon_target = obs_in[:nr].float() / 255.0 - 0.5 if self.is_pixel else vector_input(obs_in)[:nr]
         recon_loss = F.mse_loss(self.decoder(g[:nr]), recon_target)
         total = low_loss + self.f_weight * f_loss + self.recon_weight * recon_loss
         if self.contrastive is not None:
@@ -745,8 +763,9 @@ class GoalHRL(Agent):
 
     # ------------------------------------------------------------------ checkpointing
     def extra_state(self) -> dict:
-        def tensors(d):  # numpy arrays -> tensors (weights_only loading refuses numpy)
-            return {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in d.items()}
+        def tensors(d):  # numpy arrays (also in a dict observation) -> tensors (weights_only loading refuses numpy)
+            return {k: tensors(v) if isinstance(v, dict) else torch.as_tensor(v) if isinstance(v, np.ndarray) else v
+                    for k, v in d.items()}
 
         pending = None if self.pending is None else tensors(self.pending)
         return {"num_updates": self.num_updates, "state": tensors(self.state[True]), "pending": pending,
@@ -755,7 +774,8 @@ class GoalHRL(Agent):
     def load_extra_state(self, state: dict) -> None:
         self.num_updates = state["num_updates"]
         def arrays(d):
-            return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+            return {k: arrays(v) if isinstance(v, dict) else v.numpy() if isinstance(v, torch.Tensor) else v
+                    for k, v in d.items()}
 
         self.state[True] = arrays(state["state"])
         self.pending = None if state["pending"] is None else arrays(state["pending"])

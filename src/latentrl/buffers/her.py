@@ -21,7 +21,7 @@ from latentrl.envs.goal import GoalFunctions
 
 def relabel_future(batch: dict, replay: ReplayBuffer, goal_fns: GoalFunctions, fraction: float) -> dict:
     """Relabel `fraction` of a batch from `replay.gather` in place (dict observations); adds
-    batch["relabeled"] (bool per row) and batch["goal_idx"] (the slot each new goal comes from, -1 if kept).
+    batch["goal_relabeled"] (bool per row) and batch["goal_idx"] (the slot each new goal comes from, -1 if kept).
     Draws from the replay's own RNG, so a resumed run relabels exactly as an uninterrupted one."""
     idx = batch["idx"]
     rows = np.flatnonzero(replay.rng.random(len(idx)) < fraction)
@@ -38,6 +38,6 @@ def relabel_future(batch: dict, replay: ReplayBuffer, goal_fns: GoalFunctions, f
         batch["reward"][t_rows] = torch.as_tensor(goal_fns.reward(reached, goal), device=device)
         batch["terminated"][t_rows] = torch.as_tensor(goal_fns.terminated(reached, goal), device=device,
                                                       dtype=batch["terminated"].dtype)
-    batch["relabeled"] = torch.as_tensor(goal_idx >= 0, device=batch["reward"].device)
+    batch["goal_relabeled"] = torch.as_tensor(goal_idx >= 0, device=batch["reward"].device)
     batch["goal_idx"] = goal_idx
     return batch

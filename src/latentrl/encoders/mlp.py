@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from latentrl.config import ConfigError
 from latentrl.envs import is_pixel_space
-from latentrl.envs.goal import is_goal_space, policy_input, policy_input_dim
+from latentrl.envs.goal import is_goal_space, policy_input_dim, vector_input
 
 
 def _vector_dim(obs_space: gym.Space, name: str) -> int:
@@ -20,10 +20,6 @@ def _vector_dim(obs_space: gym.Space, name: str) -> int:
     if is_goal_space(obs_space):
         return policy_input_dim(obs_space)
     return int(np.prod(obs_space.shape))
-
-
-def _flat(obs) -> torch.Tensor:
-    return policy_input(obs) if isinstance(obs, dict) else obs.flatten(1).float()
 
 
 class MLPEncoder(nn.Module):
@@ -44,7 +40,7 @@ class MLPEncoder(nn.Module):
         self.out_dim = feature_dim
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(_flat(obs))
+        return self.net(vector_input(obs))
 
 
 class IdentityEncoder(nn.Module):
@@ -57,4 +53,4 @@ class IdentityEncoder(nn.Module):
         self.out_dim = _vector_dim(obs_space, "identity")
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return _flat(obs)
+        return vector_input(obs)

@@ -6,7 +6,8 @@ few helpers here, so vector and pixel envs keep their plain arrays:
 
 - `map_obs` applies a function to an observation whatever its form (array, or dict of arrays);
 - `policy_input` is what a vector encoder reads from a dict: observation and desired goal,
-  concatenated (the achieved goal is stored for hindsight relabeling, not fed to networks);
+  concatenated (the achieved goal is stored for hindsight relabeling, not fed to networks), and
+  `vector_input` the same for either kind of vector observation;
 - `GoalFunctions` exposes the env's own `compute_reward` / `compute_terminated` over batches, so
   hindsight relabeling recomputes rewards and terminations exactly as the env would have;
 - `success_of` reads the success flag an env reports in its step info.
@@ -49,6 +50,11 @@ def policy_input_dim(space: gym.spaces.Dict) -> int:
 def policy_input(obs: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B, obs + goal) float features of a batch of goal-env observations."""
     return torch.cat([obs["observation"].flatten(1), obs["desired_goal"].flatten(1)], -1).float()
+
+
+def vector_input(obs) -> torch.Tensor:
+    """(B, n) float features of a batch of vector observations, or of goal-env dicts (policy_input)."""
+    return policy_input(obs) if isinstance(obs, dict) else obs.flatten(1).float()
 
 
 def success_of(info: dict) -> bool | None:
