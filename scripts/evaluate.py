@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(result["run_dir"]) / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"{result['env']}: return {result['return_mean']:.1f} ± {result['return_std']:.1f} over "
+    success = "" if result["success_rate"] is None else f", success rate {result['success_rate']:.2f}"
+    print(f"{result['env']}: return {result['return_mean']:.1f} ± {result['return_std']:.1f}{success} over "
           f"{args.episodes} episodes (checkpoint step {result['step']}); results in {out}")
     if args.video:
         print(f"video: {args.video}")
