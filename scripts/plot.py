@@ -104,7 +104,8 @@ def group_runs(runs: list[Path], ignored: set[str]) -> tuple[list[dict], list[st
         if differing:
             g["label"] = ", ".join(f"{k.removesuffix('._target_')}={short(c.get(k))}" for k in in_all)
         else:  # one configuration: name what it is
-            g["label"] = f"{short(c.get('agent._target_', 'agent'))} on {c.get('env.id', 'env')}"
+            env_name = c.get("env.id", "env") + (f" {c['env.task']}" if c.get("env.task") else "")
+            g["label"] = f"{short(c.get('agent._target_', 'agent'))} on {env_name}"
     return sorted(groups.values(), key=lambda g: g["label"]), differing
 
 

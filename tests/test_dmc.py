@@ -205,3 +205,15 @@ def test_every_agent_runs_on_dmc(tmp_path, agent, pixels):
     assert json.loads((tmp_path / "results.json").read_text())["frames"] == 40 * repeat
     logged = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["perf/frames"] for m in logged if "perf/frames" in m] == [20 * repeat, 40 * repeat]
+
+
+def test_checkpoint_of_another_task_is_refused(tmp_path):
+    """env.id is `dmc` for every task: the task itself must be part of the checkpoint's fingerprint."""
+    from latentrl import checkpoint as ckpt_io
+
+    cheetah = {"env": {"id": "dmc", "task": "cheetah-run"}, "agent": {"_target_": "a"}, "encoder": {"_target_": "e"}}
+    walker = {**cheetah, "env": {"id": "dmc", "task": "walker-walk"}}
+    ckpt = {"format_version": ckpt_io.FORMAT_VERSION, "fingerprint": ckpt_io.fingerprint(cheetah)}
+    ckpt_io.check_compatible(ckpt, cheetah, tmp_path / "last.pt")
+    with pytest.raises(ckpt_io.CheckpointError, match="env.task"):
+        ckpt_io.check_compatible(ckpt, walker, tmp_path / "last.pt")

@@ -15,7 +15,7 @@ import torch
 
 FORMAT_VERSION = 1
 # config keys that must agree between a checkpoint and the config that loads it
-FINGERPRINT_KEYS = ("env.id", "env.map", "env.reward", "env.pixels", "env.resize", "env.grayscale", "env.frame_stack",
+FINGERPRINT_KEYS = ("env.id", "env.task", "env.map", "env.reward", "env.pixels", "env.resize", "env.grayscale", "env.frame_stack",
                     "agent._target_", "encoder._target_")
 
 
