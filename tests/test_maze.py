@@ -18,7 +18,7 @@ from latentrl.envs.goal import GoalFunctions, obs_layout
 from latentrl.trainer import build_agent
 from test_bad_input import cli
 from test_goal_hrl import FAST, collect
-from test_resume import EXACT, assert_same_agent, params
+from test_resume import EXACT, straight_and_resumed
 
 SMALL_SAC = ["agent=sac", "agent.hidden_dims=[32,32]", "agent.batch_size=64", "agent.buffer_size=5000"]
 
@@ -226,13 +226,8 @@ def test_goal_hrl_manager_windows_get_hindsight_task_goals():
     (["agent=goal_hrl", *FAST, "agent.k=7"], 220, 110),  # mid-episode and mid-window (110 % 7 != 0)
 ])
 def test_resume_is_exact_on_a_goal_env_and_success_rate_is_reported(tmp_path, agent, total, half):
-    overrides = ["env=pointmaze", *agent, *EXACT, "trainer.eval_episodes=3"]
-    train_run([*overrides, f"trainer.total_steps={total}"], tmp_path / "straight")
-    train_run([*overrides, f"trainer.total_steps={half}"], tmp_path / "split")
-    train_run([f"resume={tmp_path / 'split'}", f"trainer.total_steps={total}"], tmp_path / "unused")
-    assert_same_agent(params(tmp_path / "straight"), params(tmp_path / "split"))
-    straight = json.loads((tmp_path / "straight" / "results.json").read_text())
-    split = json.loads((tmp_path / "split" / "results.json").read_text())
+    straight, split = straight_and_resumed(tmp_path, ["env=pointmaze", *agent, *EXACT, "trainer.eval_episodes=3"],
+                                           total, half)
     assert "eval/success_rate" in straight and 0.0 <= straight["eval/success_rate"] <= 1.0
     assert straight["eval/success_rate"] == split["eval/success_rate"]
     assert straight["eval/return_mean"] == split["eval/return_mean"]

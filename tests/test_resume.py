@@ -41,19 +41,24 @@ def assert_same_agent(a, b):
     assert same(a["extra"], b["extra"]) and same(a["optimizers"], b["optimizers"])
 
 
+def straight_and_resumed(tmp_path, overrides, total, half) -> tuple[dict, dict]:
+    """Train `total` steps straight, and `half` steps then resumed to `total`; asserts the two agents
+    are identical and returns both results.json."""
+    train_run([*overrides, f"trainer.total_steps={total}"], tmp_path / "straight")
+    train_run([*overrides, f"trainer.total_steps={half}"], tmp_path / "split")
+    train_run([f"resume={tmp_path / 'split'}", f"trainer.total_steps={total}"], tmp_path / "unused")
+    assert not (tmp_path / "unused").exists(), "a resumed run continues in its own directory"
+    assert_same_agent(params(tmp_path / "straight"), params(tmp_path / "split"))
+    return tuple(json.loads((tmp_path / run / "results.json").read_text()) for run in ("straight", "split"))
+
+
 @pytest.mark.parametrize("overrides,total,half", [
     (["env=pendulum", "agent=sac"], 400, 230),  # resumes mid-episode (pendulum episodes are 200 steps)
     (["env=carracing", "env.resize=32", "env.action_repeat=2", "agent=sac", "agent.batch_size=16",
       "trainer.warmup_steps=40"], 110, 70),
 ])
 def test_resume_is_exact(tmp_path, overrides, total, half):
-    train_run([*overrides, *EXACT, f"trainer.total_steps={total}"], tmp_path / "straight")
-    train_run([*overrides, *EXACT, f"trainer.total_steps={half}"], tmp_path / "split")
-    train_run([f"resume={tmp_path / 'split'}", f"trainer.total_steps={total}"], tmp_path / "unused")
-    assert not (tmp_path / "unused").exists(), "a resumed run continues in its own directory"
-    assert_same_agent(params(tmp_path / "straight"), params(tmp_path / "split"))
-    straight = json.loads((tmp_path / "straight" / "results.json").read_text())
-    split = json.loads((tmp_path / "split" / "results.json").read_text())
+    straight, split = straight_and_resumed(tmp_path, [*overrides, *EXACT], total, half)
     assert straight["eval/return_mean"] == split["eval/return_mean"]
     assert split["step"] == total
 
