@@ -532,11 +532,16 @@ def test_resume_is_exact(tmp_path):
 # ----------------------------------------------------------------------------- learning
 @pytest.mark.slow
 def test_learns_pendulum(tmp_path):
-    """Eval return >= -600 (random: about -1200) and the worker gets closer to its goals. The same run
-    outside pytest (experiment=goal_hrl_pendulum threads=1, seed 0) reached -204 +- 98, window distance
-    0.17 -> 0.08; it needs ~3.5 CPU-minutes."""
+    """Eval return >= -600 (random: about -1200) and the worker reaches its goals well above chance
+    (chance: the same windows scored against their goals mirrored through the start latent). The
+    same run in the issue-9 ablation sweep (experiment=goal_hrl_pendulum threads=1, seed 0) ended at
+    -184; its windows' relative success averaged 0.43 over the run (peak 0.98 at 2k steps) against a
+    mirror rate of 0.00; it needs ~3.5 CPU-minutes."""
     ret = train_run(["agent=goal_hrl", "env=pendulum", "experiment=goal_hrl_pendulum", "trainer.eval_every=0",
                      "trainer.checkpoint_every=0", "trainer.progress=false", "threads=1"], tmp_path)
     assert ret >= -600, ret
-    dist = [m["goal/window_distance"] for m in _metrics(tmp_path) if "goal/window_distance" in m]
-    assert np.mean(dist[-3:]) < np.mean(dist[:3]), dist
+    rows = [m for m in _metrics(tmp_path) if "goal/relative_success" in m]
+    success = np.mean([m["goal/relative_success"] for m in rows])
+    chance = np.mean([m["goal/relative_success_mirror"] for m in rows])
+    assert success > chance + 0.15, (success, chance)
+    assert np.mean([m["goal/progress"] for m in rows]) > 0
