@@ -94,6 +94,8 @@ class EnvConfig:
     buffer_size: int = 1_000_000  # default replay capacity for this env (agent configs read ${env.buffer_size})
     map: Optional[str] = None  # maze layout of env.id=PointMaze|AntMaze: umaze | medium | large (envs/maze.py)
     reward: Optional[str] = None  # maze reward: sparse | dense
+    num_envs: int = 1  # training envs stepped together (gymnasium vector API); 1: a single env, no vector API
+    vector_mode: str = "auto"  # num_envs > 1: auto (async for pixels, sync for states) | sync | async
 
 
 @dataclass
@@ -110,12 +112,13 @@ class TrainerConfig:
     log_eval_video: bool = False  # log one eval episode as an animated image to TensorBoard
 
 
+VECTOR_MODES = ("auto", "sync", "async")  # env.vector_mode
 _SCHEMAS = {"env": EnvConfig, "trainer": TrainerConfig}
 _NON_NEGATIVE = {
     "trainer": ["total_steps", "warmup_steps", "updates_per_step", "eval_every", "eval_episodes",
                 "checkpoint_every"],
 }
-_POSITIVE = {"trainer": ["log_every"], "env": ["action_repeat", "frame_stack", "buffer_size"]}
+_POSITIVE = {"trainer": ["log_every"], "env": ["action_repeat", "frame_stack", "buffer_size", "num_envs"]}
 
 
 def validate(cfg: DictConfig) -> None:
@@ -146,6 +149,9 @@ def validate(cfg: DictConfig) -> None:
                 raise ConfigError(f"'{group}.{name}' must be >= 1, got {typed[name]}: set {group}.{name}=<positive integer>")
         with _open(cfg):
             cfg[group] = typed
+    if cfg.env.vector_mode not in VECTOR_MODES:
+        raise ConfigError(f"'env.vector_mode' must be one of {', '.join(VECTOR_MODES)}, got {cfg.env.vector_mode!r}: "
+                          "set env.vector_mode=auto (async for pixel envs, sync for states)")
     if cfg.env.resize is not None and cfg.env.resize < 8:
         raise ConfigError(f"'env.resize' must be null or >= 8, got {cfg.env.resize}")
     if not isinstance(cfg.get("seed"), int) or cfg.seed < 0:

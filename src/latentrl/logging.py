@@ -33,6 +33,19 @@ def strict_json(obj, **kwargs) -> str:
     return json.dumps(finite_or_none(obj), allow_nan=False, **kwargs)
 
 
+def as_floats(metrics: dict) -> dict:
+    """Numbers and 0-d tensors -> floats. Metrics stay on their device until they are logged; here
+    all of a device's metrics are read in one copy (one host-device sync, not one per metric)."""
+    by_device: dict[torch.device, list[str]] = {}
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append(k)
+    read = {}
+    for keys in by_device.values():
+        read.update(zip(keys, torch.stack([metrics[k].detach().reshape(()).double() for k in keys]).tolist()))
+    return {k: read[k] if k in read else float(v) for k, v in metrics.items()}
+
+
 class Logger:
     def __init__(self, run_dir: Path, purge_step: int | None = None):
         """purge_step: on resume, drop events at or after this step that the killed run wrote past
@@ -47,7 +60,7 @@ class Logger:
 
     def scalars(self, metrics: dict, step: int) -> dict[str, float]:
         """metrics: 'namespace/name' -> number or 0-d tensor. Returns them as floats."""
-        values = {k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+        values = as_floats(metrics)
         for k, v in values.items():
             self.writer.add_scalar(k, v, step)
         self.jsonl.write(strict_json({"step": step, **values}) + "\n")

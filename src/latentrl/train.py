@@ -15,7 +15,7 @@ log = logging.getLogger("latentrl")
 # keys a resumed run may change from the command line; anything else would make it another experiment
 RESUME_SAFE_KEYS = {"resume", "device", "threads", "trainer.total_steps", "trainer.eval_every",
                     "trainer.eval_episodes", "trainer.checkpoint_every", "trainer.log_every", "trainer.progress",
-                    "trainer.save_buffer", "trainer.log_eval_video"}
+                    "trainer.save_buffer", "trainer.log_eval_video", "agent.compile"}
 
 
 def _override_key(override: str) -> str:

@@ -5,6 +5,12 @@ algorithm. Resume is exact on CPU: networks, optimizers, buffers, RNG states and
 restored, and the env is brought back mid-episode by replaying that episode's actions from its
 seeded reset.
 
+With env.num_envs = N > 1 the trainer steps N sub-envs per iteration (envs/vector.py): steps,
+trainer.total_steps and every interval count agent steps summed over sub-envs (sub-env i's
+transition in an iteration is step `step + i + 1`), trainer.updates_per_step is per agent step (N
+envs x 1 update/step = N updates per iteration), each sub-env's episodes are logged, seeded and
+rebuilt on resume on their own, and evaluation still runs one env.
+
 Reliability: a run never fails silently. Logged metrics and, at every checkpoint, all parameters
 and optimizer states are checked for NaN/inf; a diverged run stops with DivergenceError and keeps
 its last finite checkpoint. SIGINT/SIGTERM are honoured between env steps, between updates and
@@ -18,6 +24,7 @@ import math
 import os
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +39,7 @@ from latentrl import checkpoint as ckpt_io
 from latentrl.config import ConfigError, DivergenceError, to_plain, usable_cores
 from latentrl.envs import episode_seed, make_env
 from latentrl.envs.goal import GoalFunctions, describe_space, is_goal_space, map_obs, success_of
+from latentrl.envs.vector import TrainEnvs
 from latentrl.logging import Logger, strict_json
 
 log = logging.getLogger("latentrl")
@@ -105,15 +113,28 @@ def build(node: DictConfig, group: str, **kwargs):
         raise
 
 
+def check_vector_agent(cfg: DictConfig) -> None:
+    """env.num_envs > 1 needs an agent that learns from several sub-envs at once (before any env
+    worker process is started)."""
+    n = cfg.env.num_envs
+    if n > 1 and not getattr(get_class(cfg.agent._target_), "vector_envs", False):
+        raise ConfigError(f"env.num_envs={n}: {cfg.agent._target_} keeps per-episode state and trains on one env; "
+                          "set env.num_envs=1 (agent=sac and agent=latent_mbrl take vector envs)")
+
+
 def build_agent(cfg: DictConfig, env, device: torch.device, seed: int):
-    """Encoder + agent for `env`'s spaces. On a goal-conditioned env the agent also gets the env's
-    goal reward functions (for hindsight relabeling); agents that cannot use goals are refused."""
+    """Encoder + agent for `env`'s spaces (a single env). On a goal-conditioned env the agent also
+    gets the env's goal reward functions (for hindsight relabeling); agents that cannot use goals
+    are refused. With env.num_envs > 1 the agent keeps one replay stream per sub-env."""
     obs_space, action_space = env.observation_space, env.action_space
-    kwargs = {}
+    kwargs = {"num_envs": cfg.env.num_envs} if cfg.env.num_envs > 1 else {}
     if is_goal_space(obs_space):
         if not getattr(get_class(cfg.agent._target_), "goal_conditioned", False):
             raise ConfigError(f"{cfg.agent._target_} does not handle goal-conditioned envs (env.id={cfg.env.id}, "
                               "dict observations): use agent=sac (SAC + HER) or agent=goal_hrl")
+        if cfg.env.num_envs > 1:
+            raise ConfigError(f"env.num_envs={cfg.env.num_envs}: goal-conditioned envs (env.id={cfg.env.id}, dict "
+                              "observations) train on one env; set env.num_envs=1")
         kwargs["goal_fns"] = GoalFunctions(env)
     log.info("building encoder %s", cfg.encoder._target_)
     encoder = build(cfg.encoder, "encoder", obs_space=obs_space)
@@ -160,8 +181,18 @@ def run_episode(agent, env, seed: int, frames: list | None = None,
     return ret, length, success_of(info)
 
 
-def every(interval: int, step: int) -> bool:
-    return interval > 0 and step % interval == 0
+def due(interval: int, step: int, stepped: int) -> bool:
+    """Whether the last `stepped` steps, ending at `step`, crossed a multiple of `interval`."""
+    return interval > 0 and step // interval > (step - stepped) // interval
+
+
+@dataclass
+class Running:
+    """A sub-env's running training episode: what logs it and what rebuilds it on resume."""
+    episode: int = 0  # this sub-env's episode index (its position in its seed stream)
+    actions: list = field(default_factory=list)  # actions so far, replayed from the seeded reset on resume
+    ret: float = 0.0
+    length: int = 0
 
 
 class Trainer:
@@ -171,28 +202,36 @@ class Trainer:
         configure_threads(cfg.get("threads"))
         seed_everything(cfg.seed)
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda":  # cuDNN's fastest kernels can sum in any order: no exact resume
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
-        self.env = make_env(cfg.env)
+        self.num_envs = cfg.env.num_envs
+        check_vector_agent(cfg)
+        self.envs = TrainEnvs(cfg.env, self.num_envs)
         self.eval_env = make_env(cfg.env, render_mode="rgb_array" if self.t.log_eval_video else None)
-        self.env.action_space.seed(cfg.seed)
-        log.info("env %s: obs %s, action %s", getattr(self.env.unwrapped.spec, "id", cfg.env.id),
-                 describe_space(self.env.observation_space), self.env.action_space.shape)
-        self.agent = build_agent(cfg, self.env, self.device, cfg.seed)
+        self.envs.action_space.seed(cfg.seed)
+        single = self.envs.env if self.num_envs == 1 else self.eval_env  # a single env with the training spaces
+        log.info("env %s: obs %s, action %s%s", getattr(single.unwrapped.spec, "id", cfg.env.id),
+                 describe_space(single.observation_space), single.action_space.shape,
+                 f", {self.num_envs} sub-envs ({type(self.envs.env).__name__})" if self.num_envs > 1 else "")
+        if self.t.total_steps % self.num_envs:
+            log.warning("trainer.total_steps=%d is not a multiple of env.num_envs=%d: the run ends at step %d",
+                        self.t.total_steps, self.num_envs, -(-self.t.total_steps // self.num_envs) * self.num_envs)
+        self.agent = build_agent(cfg, single, self.device, cfg.seed)
         for name, buf in self.agent.buffers().items():
             log.info("buffer '%s': capacity %d, %d bytes per transition (%.2f GiB when full)", name, buf.capacity,
                      buf.bytes_per_transition(), buf.capacity * buf.bytes_per_transition() / 2**30)
 
         # counters (all checkpointed)
-        self.step = 0  # env steps taken (agent decisions)
-        self.episode = 0  # training episodes started
+        self.step = 0  # env steps taken (agent decisions, summed over sub-envs)
+        self.episode = 0  # training episodes finished (all sub-envs)
         self.num_updates = 0
         self.update_credit = 0.0  # fractional updates_per_step accumulate here
         self.wall_time = 0.0  # seconds trained, summed over resumes
-        self.episode_actions: list[np.ndarray] = []  # actions of the running episode (to rebuild it on resume)
-        self.episode_return, self.episode_length = 0.0, 0
+        self.running = [Running() for _ in range(self.num_envs)]  # each sub-env's running episode
         self.last_return = float("nan")
         self.last_eval: dict = {}
-        self.obs = None
+        self.obs: list | None = None  # each sub-env's current observation
         self.step_done = True  # the current step's updates, log and eval are done (False: resume them first)
         self.eval_pending = False  # an evaluation was interrupted by a stop request: redo it on resume
         self.stop_requested = False
@@ -215,7 +254,8 @@ class Trainer:
         """Run until trainer.total_steps; returns the final eval metrics (None when interrupted).
         Raises DivergenceError on NaN/inf, leaving the last finite checkpoint in place."""
         if self.obs is None:
-            self.obs = self._reset_episode()
+            self.obs = [None] * self.num_envs
+            self._reset_episodes(range(self.num_envs))
         old_handlers = self._install_signal_handlers()
         self._session_start = time.time()
         bar = tqdm(total=self.t.total_steps, initial=self.step, disable=not self.t.progress, dynamic_ncols=True,
@@ -238,6 +278,7 @@ class Trainer:
             bar.close()
             self._restore_signal_handlers(old_handlers)
             self.logger.close()
+            self.envs.close()  # async sub-envs: their worker processes
 
     def _loop(self, bar) -> None:
         """Env step, its updates, then log / eval / checkpoint when due. A stop request is honoured
@@ -253,10 +294,12 @@ class Trainer:
             if self.step_done:
                 if self.step >= total:
                     break
+                before = self.step
                 self._env_step()
-                bar.update(1)
-                if self.step > self.t.warmup_steps:
-                    self.update_credit += self.t.updates_per_step
+                bar.update(self.step - before)
+                learning = self.step - max(before, self.t.warmup_steps)  # this iteration's steps past warm-up
+                if learning > 0:
+                    self.update_credit += self.t.updates_per_step * learning
                 self.step_done = False
             while self.update_credit >= 1.0 and not self.stop_requested:
                 try:
@@ -270,14 +313,14 @@ class Trainer:
                 self.update_credit -= 1.0
             if self.stop_requested:
                 break
-            if every(self.t.log_every, self.step):
+            if due(self.t.log_every, self.step, self.num_envs):
                 self._log_window(sums, counts, bar)
                 sums, counts = {}, {}
-            if every(self.t.eval_every, self.step) and self.step < total:
+            if due(self.t.eval_every, self.step, self.num_envs) and self.step < total:
                 self._check_metrics(sums)  # never evaluate a policy whose losses already went NaN
                 self.evaluate()
             self.step_done = True
-            if every(self.t.checkpoint_every, self.step) and self.step < total and not self.stop_requested:
+            if due(self.t.checkpoint_every, self.step, self.num_envs) and self.step < total and not self.stop_requested:
                 self._check_metrics(sums)
                 self._checkpoint()
         self._check_metrics(sums)
@@ -322,32 +365,44 @@ class Trainer:
         return results
 
     def _env_step(self) -> None:
+        """One step of every sub-env. Sub-env i's transition is agent step `step + i + 1`: its
+        episode's end is logged at that step, so each sub-env's returns are logged on their own."""
         if self.step < self.t.warmup_steps:
-            action = self.agent.act_random(self.obs)
+            actions = [self.agent.act_random(obs) for obs in self.obs]
+        elif self.num_envs == 1:
+            actions = [self.agent.act(self.obs[0], explore=True)]
         else:
-            action = self.agent.act(self.obs, explore=True)
-        next_obs, reward, terminated, truncated, info = self.env.step(action)
-        self.agent.observe(self.obs, action, float(reward), next_obs, bool(terminated), bool(truncated))
-        self.episode_actions.append(np.asarray(action, dtype=np.float32))
-        self.episode_return += float(reward)
-        self.episode_length += 1
-        self.step += 1
-        if terminated or truncated:
-            self.last_return = self.episode_return
-            ended = {"train/episode_return": self.episode_return, "train/episode_length": self.episode_length}
-            if success_of(info) is not None:
-                ended["train/episode_success"] = float(success_of(info))
-            self.logger.scalars(ended, self.step)
-            self.episode += 1
-            self.obs = self._reset_episode()
-        else:
-            self.obs = next_obs
+            actions = list(self.agent.act_batch(np.stack(self.obs), explore=True))
+        ended = []
+        for i, (next_obs, reward, terminated, truncated, info) in enumerate(self.envs.step(actions)):
+            run = self.running[i]
+            stream = {"env_index": i} if self.num_envs > 1 else {}  # single-env agents take no env_index
+            self.agent.observe(self.obs[i], actions[i], float(reward), next_obs, bool(terminated), bool(truncated),
+                               **stream)
+            run.actions.append(np.asarray(actions[i], dtype=np.float32))
+            run.ret += float(reward)
+            run.length += 1
+            self.step += 1
+            self.obs[i] = next_obs
+            if terminated or truncated:
+                self.last_return = run.ret
+                metrics = {"train/episode_return": run.ret, "train/episode_length": run.length}
+                if success_of(info) is not None:
+                    metrics["train/episode_success"] = float(success_of(info))
+                self.logger.scalars(metrics, self.step)
+                self.episode += 1
+                run.episode += 1
+                ended.append(i)
+        if ended:
+            self._reset_episodes(ended)
 
-    def _reset_episode(self) -> np.ndarray:
-        obs, _ = self.env.reset(seed=episode_seed(self.cfg.seed, self.episode))
-        self.episode_actions, self.episode_return, self.episode_length = [], 0.0, 0
-        self.agent.begin_episode(explore=True)
-        return obs
+    def _reset_episodes(self, indices) -> None:
+        """Start the next seeded episode of each sub-env in `indices` (sub-env i's own seed stream)."""
+        seeds = {i: episode_seed(self.cfg.seed, self.running[i].episode, env_index=i) for i in indices}
+        for i, obs in self.envs.reset(seeds).items():
+            self.running[i] = Running(episode=self.running[i].episode)
+            self.obs[i] = obs
+            self.agent.begin_episode(explore=True)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict | None:
@@ -421,12 +476,13 @@ class Trainer:
             "config": cfg_plain,
             "counters": {"step": self.step, "episode": self.episode, "num_updates": self.num_updates,
                          "update_credit": self.update_credit, "wall_time": self.wall_time,
-                         "episode_return": self.episode_return, "episode_length": self.episode_length,
                          "last_return": self.last_return, "step_done": self.step_done,
                          "eval_pending": self.eval_pending},
-            "episode_actions": torch.as_tensor(np.array(self.episode_actions, dtype=np.float32).reshape(
-                len(self.episode_actions), self.agent.action_dim)),
-            "obs": map_obs(lambda o: torch.as_tensor(np.asarray(o)), self.obs),
+            "sub_envs": [{"episode": run.episode, "return": run.ret, "length": run.length,
+                          "actions": torch.as_tensor(np.array(run.actions, dtype=np.float32).reshape(
+                              len(run.actions), self.agent.action_dim)),
+                          "obs": map_obs(lambda o: torch.as_tensor(np.asarray(o)), obs)}
+                         for run, obs in zip(self.running, self.obs)],
             "last_eval": {k: v for k, v in self.last_eval.items()},
             "rng": ckpt_io.rng_state(),
             "agent": agent_state,
@@ -478,19 +534,21 @@ class Trainer:
         else:
             log.warning("no replay buffer in the checkpoint (trainer.save_buffer=false): the resumed run refills it "
                         "and will not match an uninterrupted run exactly")
-        # rebuild the running episode: same seeded reset, same actions
-        obs, _ = self.env.reset(seed=episode_seed(self.cfg.seed, self.episode))
-        for action in state["episode_actions"].numpy():
-            obs, *_ = self.env.step(action)
-        saved = state["obs"] if isinstance(state["obs"], dict) else {None: state["obs"]}
-        replayed = obs if isinstance(obs, dict) else {None: obs}
-        if saved.keys() != replayed.keys() or not all(np.array_equal(np.asarray(replayed[k]), saved[k].numpy())
-                                                       for k in saved):
-            log.warning("replaying the running episode did not reproduce its observation (non-deterministic env); "
-                        "continuing from the replayed state")
-        self.obs = obs
-        self.episode_actions = list(state["episode_actions"].numpy())
-        self.episode_return, self.episode_length = c["episode_return"], c["episode_length"]
+        # rebuild every sub-env's running episode: same seeded reset, same actions
+        subs = state.get("sub_envs") or [{  # a checkpoint from before vector envs: one env
+            "episode": c["episode"], "return": c["episode_return"], "length": c["episode_length"],
+            "actions": state["episode_actions"], "obs": state["obs"]}]
+        self.obs = self.envs.replay([(episode_seed(self.cfg.seed, sub["episode"], env_index=i), sub["actions"].numpy())
+                                     for i, sub in enumerate(subs)])
+        for i, (sub, obs) in enumerate(zip(subs, self.obs)):
+            saved = sub["obs"] if isinstance(sub["obs"], dict) else {None: sub["obs"]}
+            replayed = obs if isinstance(obs, dict) else {None: obs}
+            if saved.keys() != replayed.keys() or not all(np.array_equal(np.asarray(replayed[k]), saved[k].numpy())
+                                                           for k in saved):
+                log.warning("replaying the running episode%s did not reproduce its observation (non-deterministic "
+                            "env); continuing from the replayed state", f" of sub-env {i}" if len(subs) > 1 else "")
+        self.running = [Running(sub["episode"], list(sub["actions"].numpy()), sub["return"], sub["length"])
+                        for sub in subs]
         ckpt_io.set_rng_state(state["rng"])
         log.info("resumed %s at step %d (episode %d, %d updates)", self.run_dir, self.step, self.episode,
                  self.num_updates)

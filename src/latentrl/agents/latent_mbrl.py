@@ -96,6 +96,8 @@ class LatentModel(nn.Module):
 
 
 class LatentMBRL(Agent):
+    vector_envs = True
+
     def __init__(self, encoder: nn.Module, obs_space: gym.spaces.Box, action_space: gym.spaces.Box,
                  device: str = "cpu", seed: int = 0,
                  # world model
@@ -110,7 +112,7 @@ class LatentMBRL(Agent):
                  hidden_dims=(256, 256), lr: float = 3e-4, gamma: float = 0.99, tau: float = 0.005, n_step: int = 1,
                  critic_layernorm: bool = True, batch_size: int = 256, buffer_size: int = 1_000_000,
                  init_temperature: float = 1.0, target_entropy: float | None = None, augment_pad: int = 4,
-                 diagnostics_every: int = 250):
+                 diagnostics_every: int = 250, num_envs: int = 1, compile: bool = False):
         super().__init__(action_space, device, seed)
         self._validate(policy_learning, horizon, model_share, n_step, ensemble_size, num_elites, termination,
                        latent_dim, encoder_tau)
@@ -143,10 +145,15 @@ class LatentMBRL(Agent):
                            sa_features=self.sa_features if critic_sa_features else None,
                            sa_dim=model_hidden_dims[-1] if critic_sa_features else 0)
         self.optimizers = {"model": self.model_opt, **self.sac.optimizers()}
-        self.replay = ReplayBuffer(buffer_size, obs_space.shape, obs_space.dtype, self.action_dim, seed=seed)
+        self.replay = ReplayBuffer(buffer_size, obs_space.shape, obs_space.dtype, self.action_dim, seed=seed,
+                                   streams=num_envs)
         self.num_updates = 0
         self._last_obs: torch.Tensor | None = None  # a batch's first observation, for images()
         self.to(self.device)
+        if compile:  # the networks the update calls through forward (the target model is read through embed)
+            self.compile_networks(*(m for m in (self.encoder, self.encoder_target, self.model, self.decoder,
+                                                self.sac.actor, self.sac.critic, self.sac.critic_target)
+                                    if m is not None))
 
     @staticmethod
     def _validate(policy_learning, horizon, model_share, n_step, ensemble_size, num_elites, termination,
@@ -181,8 +188,12 @@ class LatentMBRL(Agent):
         with torch.no_grad():
             return self.sac.act(self.latent(self.obs_tensor(obs)), explore)[0].cpu().numpy()
 
-    def observe(self, obs, action, reward, next_obs, terminated, truncated) -> None:
-        self.replay.add(obs, action, reward, next_obs, terminated, truncated)
+    def act_batch(self, obs: np.ndarray, explore: bool) -> np.ndarray:
+        with torch.no_grad():
+            return self.sac.act(self.latent(self.batch_tensor(obs)), explore).cpu().numpy()
+
+    def observe(self, obs, action, reward, next_obs, terminated, truncated, env_index: int = 0) -> None:
+        self.replay.add(obs, action, reward, next_obs, terminated, truncated, stream=env_index)
 
     def buffers(self) -> dict[str, ReplayBuffer]:
         return {"replay": self.replay}
@@ -255,7 +266,7 @@ class LatentMBRL(Agent):
                 imagined_return += self.gamma ** j * r_hat.detach().mean(0) * m
             pred = z_next
         loss = self.weights["dynamics"] * dyn + self.weights["reward"] * rew + self.weights["termination"] * term
-        recon = torch.zeros(())
+        recon = torch.zeros((), device=z.device)
         if self.decoder is not None:
             target = obs0.float() / 255.0 - 0.5 if self.is_pixel else obs0.flatten(1).float()
             recon = F.mse_loss(self.decoder(z).view_as(target), target)
@@ -274,7 +285,7 @@ class LatentMBRL(Agent):
             discounts = self.gamma ** torch.arange(self.horizon, device=z.device)
             real_return = (b["reward"] * discounts).sum(1)
         return {"loss/model": loss.detach(), "loss/dynamics": dyn.detach(), "loss/reward": rew.detach(),
-                "loss/termination": torch.as_tensor(term).detach(), "loss/decoder": recon.detach(),
+                "loss/termination": torch.as_tensor(term, device=z.device).detach(), "loss/decoder": recon.detach(),
                 "model/grad_norm": grad_norm.detach(),
                 # model error in units of how far one real env step moves the latent (1 = as far as a step)
                 "model/latent_err_1step_rel": first_err.mean() / step_change,

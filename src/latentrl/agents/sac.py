@@ -115,13 +115,15 @@ class SAC(Agent):
     """SAC on encoded observations (identity/MLP for vectors, CNN + DrQ for pixels; + HER on goal envs)."""
 
     goal_conditioned = True
+    vector_envs = True
 
     def __init__(self, encoder: nn.Module, obs_space: gym.spaces.Box, action_space: gym.spaces.Box,
                  device: str = "cpu", seed: int = 0, hidden_dims=(256, 256), lr: float = 3e-4,
                  gamma: float = 0.99, tau: float = 0.005, batch_size: int = 256, buffer_size: int = 1_000_000,
                  init_temperature: float = 1.0, target_entropy: float | None = None,
                  actor_update_every: int = 1, target_update_every: int = 1, augment_pad: int = 4,
-                 critic_layernorm: bool = False, her=None, goal_fns: GoalFunctions | None = None):
+                 critic_layernorm: bool = False, her=None, goal_fns: GoalFunctions | None = None,
+                 num_envs: int = 1, compile: bool = False):
         super().__init__(action_space, device, seed)
         action_dim = self.action_dim
         self.encoder = encoder
@@ -132,7 +134,7 @@ class SAC(Agent):
         self.batch_size = batch_size
         self.actor_update_every, self.target_update_every = actor_update_every, target_update_every
         self.augment_pad = augment_pad if getattr(encoder, "is_pixel", False) else 0
-        self.replay = ReplayBuffer(buffer_size, *obs_layout(obs_space), action_dim, seed=seed)
+        self.replay = ReplayBuffer(buffer_size, *obs_layout(obs_space), action_dim, seed=seed, streams=num_envs)
         self.goal_fns = goal_fns
         fraction = float((her or {}).get("relabel_fraction", 0.8))
         if not 0.0 <= fraction <= 1.0:
@@ -140,14 +142,20 @@ class SAC(Agent):
         self.her_fraction = fraction if goal_fns is not None else 0.0  # HER needs the env's goal reward
         self.num_updates = 0
         self.to(self.device)
+        if compile:
+            self.compile_networks(self.encoder, self.sac.actor, self.sac.critic, self.sac.critic_target)
 
     def act(self, obs: np.ndarray, explore: bool) -> np.ndarray:
         with torch.no_grad():
             feat = self.encoder(self.obs_tensor(obs))
             return self.sac.act(feat, explore)[0].cpu().numpy()
 
-    def observe(self, obs, action, reward, next_obs, terminated, truncated) -> None:
-        self.replay.add(obs, action, reward, next_obs, terminated, truncated)
+    def act_batch(self, obs: np.ndarray, explore: bool) -> np.ndarray:
+        with torch.no_grad():
+            return self.sac.act(self.encoder(self.batch_tensor(obs)), explore).cpu().numpy()
+
+    def observe(self, obs, action, reward, next_obs, terminated, truncated, env_index: int = 0) -> None:
+        self.replay.add(obs, action, reward, next_obs, terminated, truncated, stream=env_index)
 
     def buffers(self) -> dict[str, ReplayBuffer]:
         return {"replay": self.replay}

@@ -58,10 +58,12 @@ def make_env(env_cfg: DictConfig, render_mode: str | None = None) -> gym.Env:
     return env
 
 
-def episode_seed(seed: int, episode: int, stream: int = 0) -> int:
+def episode_seed(seed: int, episode: int, stream: int = 0, env_index: int = 0) -> int:
     """Seed of one episode's reset. Seeding every reset explicitly makes episodes replayable:
-    a resumed run rebuilds its env mid-episode by replaying that episode's actions."""
-    return int(np.random.SeedSequence([seed, stream, episode]).generate_state(1)[0])
+    a resumed run rebuilds its env mid-episode by replaying that episode's actions. Sub-env
+    `env_index` of a vector env has a seed stream of its own; sub-env 0's is a single env's."""
+    entropy = [seed, stream, episode] + ([env_index] if env_index else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def is_pixel_space(space: gym.Space) -> bool:
