@@ -32,12 +32,21 @@ desired goal, so the manager proposes latent subgoals conditioned on the task go
 reaches latent subgoals as anywhere else; the manager's windows also get HER on the task goal
 (`high.task_relabel_fraction`: goals achieved later in the episode, the window scored by the env's
 reward where it ended, as HAC's hindsight goal transitions).
+
+Graph planning (`agent.planning.method=graph`, goal-conditioned envs only; SoRB/DHRL): every
+`planning.graph.rebuild_every` env steps, landmarks are picked from replay by farthest-point sampling
+over EMA latents, the worker's value is fitted to the env steps it stands for, edges longer than
+`max_edge_steps` are dropped and all shortest paths are computed (agents/landmarks.py). At each window
+the route from the current state to the landmark nearest the task goal (in env goal space) gives the
+subgoal: its first landmark. Without a route, or once the target landmark is within one window, the
+manager proposes the goal as without planning. See `rebuild_graph` and `graph_route`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import time
 
 import gymnasium as gym
 import numpy as np
@@ -46,17 +55,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from latentrl.agents.base import Agent
+from latentrl.agents.landmarks import (LandmarkGraph, StepsFromValue, draw_plan, farthest_point_sampling, plan_route,
+                                       rank_correlation, shortest_paths)
 from latentrl.agents.networks import PixelDecoder, mlp, random_shift, soft_update
 from latentrl.agents.sac import SACCore
 from latentrl.buffers import ReplayBuffer
 from latentrl.buffers.her import relabel_future
 from latentrl.config import ConfigError
-from latentrl.envs.goal import GoalFunctions, is_goal_space, map_obs, obs_layout, policy_input_dim, vector_input
+from latentrl.envs.goal import (GoalFunctions, describe_space, is_goal_space, map_obs, obs_layout, policy_input_dim,
+                                vector_input)
+from latentrl.envs.maze import MazeLayout
 
 REWARDS = ("distance", "cosine", "contrastive")
 CORRECTIONS = ("hac", "none")
 GOAL_SPACES = ("relative", "absolute")
-PLAN_METHODS = ("sample", "cem")
+PLAN_METHODS = ("sample", "cem", "graph")
+GRAPH_DEFAULTS = {"n_landmarks": 100, "sample_size": 2000, "rebuild_every": 2000, "max_edge_steps": 20.0,
+                  "fit_pairs": 2048, "fit_horizon": None}
 
 
 # ----------------------------------------------------------------------------- goal-reaching rewards
@@ -186,6 +201,7 @@ class GoalHRL(Agent):
         low, high, model = dict(low or {}), dict(high or {}), dict(model or {})
         decoder, contrastive, planning = dict(decoder or {}), dict(contrastive or {}), dict(planning or {})
         self._validate(goal_dim, k, reward, low, high, planning)
+        graph_cfg = self._validate_graph(planning, obs_space)
         self.goal_dim, self.k, self.reward_type = int(goal_dim), int(k), reward
         self.batch_size, self.actor_update_every = int(batch_size), int(actor_update_every)
         self.encoder_tau, self.success_ratio = float(encoder_tau), float(success_ratio)
@@ -263,6 +279,18 @@ class GoalHRL(Agent):
         self.plan_q_weight = float(planning.get("q_weight", 1.0))
         dist_weight = planning.get("dist_weight")
         self.plan_dist_weight = float(high.get("reach_penalty", 1.0) if dist_weight is None else dist_weight)
+        # graph planning (method=graph): landmarks, value->steps fit, shortest paths; rebuilt in update()
+        self.graph_planning = self.plan_method == "graph" and self.n_candidates > 0
+        self.graph_n = int(graph_cfg["n_landmarks"])
+        self.graph_sample_size = int(graph_cfg["sample_size"])
+        self.graph_rebuild_every = int(graph_cfg["rebuild_every"])
+        self.graph_max_edge = float(graph_cfg["max_edge_steps"])
+        self.graph_fit_pairs = int(graph_cfg["fit_pairs"])
+        self.graph_fit_horizon = int(graph_cfg["fit_horizon"] or 2 * self.graph_max_edge)
+        self.graph: LandmarkGraph | None = None  # checkpointed (extra_state): rebuilt only on schedule
+        self.maze_layout = MazeLayout.of(goal_fns.env) if goal_fns is not None else None  # for drawing plans
+        self.drawn_plan: dict | None = None  # the route of the last evaluation episode's first window (images())
+        self._record_plan = False
 
         # replay: low level stores every step with what defines the goal it pursued (the manager's
         # action u and the step's age in its window, which locates the window's start observation), so
@@ -311,6 +339,31 @@ class GoalHRL(Agent):
         if method == "cem" and not 1 <= int(planning.get("elites", 2)) <= int(planning.get("candidates", 8)):
             raise ConfigError(f"agent.planning.elites must be between 1 and agent.planning.candidates "
                               f"({planning.get('candidates', 8)}), got {planning.get('elites')}")
+
+    @staticmethod
+    def _validate_graph(planning: dict, obs_space: gym.Space) -> dict:
+        """planning.graph settings with their defaults; method=graph refused where there is no task goal."""
+        cfg = {**GRAPH_DEFAULTS, **dict(planning.get("graph") or {})}
+        if planning.get("method", "sample") != "graph":
+            return cfg
+        if not is_goal_space(obs_space):
+            raise ConfigError(f"agent.planning.method=graph plans toward the task goal of a goal-conditioned env "
+                              f"(env=pointmaze, env=antmaze), and this env has none ({describe_space(obs_space)}): "
+                              "use agent.planning.method=sample or cem")
+        for key, low in (("n_landmarks", 2), ("sample_size", 2), ("rebuild_every", 1), ("fit_pairs", 2)):
+            if int(cfg[key]) < low:
+                raise ConfigError(f"agent.planning.graph.{key} must be >= {low}, got {cfg[key]}")
+        if int(cfg["sample_size"]) < int(cfg["n_landmarks"]):
+            raise ConfigError(f"agent.planning.graph.sample_size ({cfg['sample_size']}) must be >= "
+                              f"agent.planning.graph.n_landmarks ({cfg['n_landmarks']}): landmarks are picked from it")
+        if not float(cfg["max_edge_steps"]) > 0:
+            raise ConfigError(f"agent.planning.graph.max_edge_steps must be > 0 (env steps), got {cfg['max_edge_steps']}")
+        horizon = cfg["fit_horizon"]
+        if horizon is not None and int(horizon) <= float(cfg["max_edge_steps"]):
+            raise ConfigError(f"agent.planning.graph.fit_horizon ({horizon}) must exceed max_edge_steps "
+                              f"({cfg['max_edge_steps']}): values beyond the fitted pairs read as unreachable "
+                              "(null: 2 x max_edge_steps)")
+        return cfg
 
     # ------------------------------------------------------------------ encoding helpers
     def _augment(self, obs: torch.Tensor) -> torch.Tensor:
@@ -366,6 +419,7 @@ class GoalHRL(Agent):
             self.pending = None
         else:
             self.eval_windows = 0  # seeds the planning candidates of each evaluation window
+            self._record_plan = self.graph_planning  # draw this evaluation episode's first route
 
     def _new_window(self, explore: bool) -> bool:
         s = self.state[explore]
@@ -389,7 +443,7 @@ class GoalHRL(Agent):
         h, g = self.goal_encoder(self.obs_tensor(obs))
         if self._new_window(explore):
             g_start = self.target_goals(self.obs_tensor(obs))[1]
-            u, goal = self.choose_goal(h, g, g_start, explore)
+            u, goal = self.choose_goal(h, g, g_start, explore, obs=obs)
             self._open_window(explore, g_start, u, goal)
         s["t"] += 1
         goal = torch.as_tensor(s["goal"], device=self.device).unsqueeze(0)
@@ -408,17 +462,20 @@ class GoalHRL(Agent):
 
     @torch.no_grad()
     def choose_goal(self, h: torch.Tensor, g: torch.Tensor, g_target: torch.Tensor,
-                    explore: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                    explore: bool, obs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(high-level action, goal) for the next k steps from h, g (online encoder) and g_target
         (EMA encoder: relative goals are offsets from it). With planning, candidates are scored by
         plan_scores and the best wins: `sample` re-ranks the actor's own proposals (evaluation: its
         mean first, then samples); `cem` searches around the actor's mean with the cross-entropy
         method (`iterations` rounds of `candidates` goals, refitted to the best `elites`), so the
         candidates are diverse rather than draws from one narrow policy. Evaluation candidates come
-        from a fixed seed (see _planning_rng)."""
+        from a fixed seed (see _planning_rng). `graph` takes the first landmark of the route to the
+        task goal (graph_goal; `obs`, the current observation, carries the task goal)."""
         if self.n_candidates == 0:
             u = self.high.act(h, explore)
             return u, self.goal_from_action(g_target, u)
+        if self.graph_planning:
+            return self.graph_goal(h, g_target, explore, obs)
         hs = h.expand(self.n_candidates, -1)
         with self._planning_rng(explore):
             if self.plan_method == "cem":
@@ -485,6 +542,159 @@ class GoalHRL(Agent):
                 torch.manual_seed(seed)
                 yield
         return seeded()
+
+    # ------------------------------------------------------------------ graph planning (method=graph)
+    def _under_goal(self, obs: dict, goal: np.ndarray) -> dict[str, torch.Tensor]:
+        """Goal-env observations (numpy dict, batch first) as tensors, their desired goal replaced by
+        `goal`: the latent of a state depends on the task goal the encoder reads beside it."""
+        out = {k: torch.as_tensor(v, device=self.device) for k, v in obs.items()}
+        dg = obs["desired_goal"]
+        out["desired_goal"] = torch.as_tensor(np.broadcast_to(np.asarray(goal, dtype=dg.dtype), dg.shape).copy(),
+                                              device=self.device)
+        return out
+
+    @torch.no_grad()
+    def goal_values(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The worker's value V(s, g) = min over the twin critics of Q(s, pi(s, g), g) (deterministic
+        action), from online trunk features h of s and latent goals z, row by row."""
+        feat = torch.cat([h, z], -1)
+        action = self.low.actor(feat, deterministic=True, with_log_prob=False)[0]
+        return self.low.q(feat, action).min(0).values
+
+    @torch.no_grad()
+    def pairwise_values(self, h: torch.Tensor, z: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        """(len(h), len(z)) values V(s_i, z_j), evaluated `chunk` pairs at a time."""
+        n, m = len(h), len(z)
+        out = torch.empty(n, m, device=self.device)
+        rows = max(1, chunk // m)
+        for i in range(0, n, rows):
+            hi = h[i:i + rows]
+            pairs_h = hi.unsqueeze(1).expand(-1, m, -1).reshape(-1, h.shape[-1])
+            pairs_z = z.unsqueeze(0).expand(len(hi), -1, -1).reshape(-1, z.shape[-1])
+            out[i:i + rows] = self.goal_values(pairs_h, pairs_z).view(len(hi), m)
+        return out
+
+    @torch.no_grad()
+    def fit_pairs(self, rng: np.random.Generator, n: int, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+        """(values, steps) of up to n replay pairs (s_t, s_{t+j}), j uniform in 1..horizon but never past
+        the end of s_t's episode: the data StepsFromValue is fitted to. Each pair is read as the worker
+        is trained: s_t with its own task goal, the goal E_ema(s_{t+j}) of the same episode."""
+        rb = self.replay
+        idx = rng.integers(0, rb.size, 2 * n)
+        idx = idx[rb.valid[idx]][:n]  # transition slots (not an episode's final observation)
+        last = np.where(rb.episode_last[idx] >= 0, rb.episode_last[idx], rb.ptr)
+        span = (last - idx) % rb.capacity
+        steps = np.minimum(rng.integers(1, horizon + 1, len(idx)), span)
+        h = self.goal_encoder.trunk(rb.obs_at(idx, self.device))
+        z = self.target_goals(rb.obs_at((idx + steps) % rb.capacity, self.device))[1]
+        return self.goal_values(h, z).cpu().numpy(), steps
+
+    @torch.no_grad()
+    def rebuild_graph(self, step: int) -> dict:
+        """Rebuild the landmark graph from replay (every planning.graph.rebuild_every env steps):
+
+        1. `sample_size` random replay observations, encoded by the EMA encoder under one task goal
+           (that of the first of them: the latent of a state depends on the goal read beside it, and
+           in a maze with independently drawn starts and goals any state occurs with any goal);
+           farthest-point sampling over these latents picks `n_landmarks`;
+        2. the value -> steps conversion is fitted on `fit_pairs` replay pairs (StepsFromValue);
+        3. edge i -> j weighs the steps read from V(l_i, E_ema(l_j)), dropped above `max_edge_steps`;
+           Floyd-Warshall gives every shortest path.
+        Draws from its own generator seeded by (seed, step), so a rebuild is a function of the
+        networks, the replay and the step: it touches no training RNG stream."""
+        start = time.perf_counter()
+        rb = self.replay
+        rng = np.random.default_rng([self.seed, int(step)])
+        slots = np.sort(rng.choice(rb.size, min(self.graph_sample_size, rb.size), replace=False))
+        candidates = rb.obs_at(slots)
+        ref_goal = np.array(candidates["desired_goal"][0])
+        latents = self.target_goals(self._under_goal(candidates, ref_goal))[1]
+        picked = farthest_point_sampling(latents, self.graph_n)
+        landmarks = {k: np.array(v[picked]) for k, v in candidates.items()}
+
+        values, steps = self.fit_pairs(rng, self.graph_fit_pairs, self.graph_fit_horizon)
+        steps_fit = StepsFromValue.fit(values, steps)
+        h = self.goal_encoder.trunk(self._under_goal(landmarks, ref_goal))
+        weights = steps_fit(self.pairwise_values(h, latents[torch.as_tensor(picked, device=self.device)]))
+        weights[weights > self.graph_max_edge] = float("inf")
+        weights.fill_diagonal_(0.0)
+        dist, next_hop = shortest_paths(weights)
+        self.graph = LandmarkGraph(landmarks, ref_goal, steps_fit, weights, dist, next_hop, int(step))
+
+        n = len(picked)
+        edges = self.graph.num_edges()
+        finite = torch.isfinite(weights) & ~torch.eye(n, dtype=torch.bool, device=weights.device)
+        metrics = {"goal/graph_rebuild_s": time.perf_counter() - start, "goal/graph_nodes": float(n),
+                   "goal/graph_edges": float(edges),
+                   # share of landmark pairs with a route between them
+                   "goal/graph_connected": float(torch.isfinite(dist).float().mean()),
+                   # does the value read as distance? rank correlation of -value and the steps apart (1: perfectly)
+                   "goal/graph_fit_corr": rank_correlation(-values, steps)}
+        if edges:  # (no NaN for an empty graph: logged metrics must stay finite)
+            metrics["goal/graph_edge_steps"] = float(weights[finite].mean())
+        return metrics
+
+    @torch.no_grad()
+    def graph_route(self, h: torch.Tensor, obs: dict) -> dict:
+        """The route from the current state (online features h, observation obs) to the task goal.
+
+        The task goal maps into the graph as the landmark whose stored achieved goal is nearest the
+        desired goal in env goal space: a landmark is a state the agent visited, so its latent is one
+        the worker has learned to reach (an invented observation "at the goal" would need to know the
+        env's observation layout, and its velocities, joint angles and so on). Landmarks are encoded
+        now, under this episode's task goal, as the worker's achieved latents will be; the steps from
+        the state to each landmark are read from the value like the edges. Returns {route: landmark
+        indices (first one = subgoal), steps: predicted steps to the target, latents: (N, d),
+        start_steps: (N,), target}."""
+        graph = self.graph
+        goal = np.asarray(obs["desired_goal"])
+        latents = self.target_goals(self._under_goal(graph.obs, goal))[1]
+        start_steps = graph.steps_fit(self.goal_values(h.expand(len(latents), -1), latents))
+        start_steps[start_steps > self.graph_max_edge] = float("inf")
+        target = graph.nearest(goal)
+        route, steps = plan_route(start_steps, graph.dist, graph.next_hop, target)
+        return {"route": route, "steps": steps, "latents": latents, "start_steps": start_steps, "target": target}
+
+    @torch.no_grad()
+    def graph_goal(self, h: torch.Tensor, g_target: torch.Tensor, explore: bool,
+                   obs: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(high-level action, goal) from the landmark graph: the first landmark of the route to the
+        task goal, as far as one window reaches (the action is the manager's action that proposes it,
+        clipped to [-1, 1], so replay re-derives exactly the goal pursued and the manager learns from
+        the window off-policy). The manager proposes instead when there is no graph yet, no route,
+        or the route is only the target landmark, already within one window (k steps): from there
+        the manager, trained on the task goal, finishes the way to the goal itself."""
+        plan = self.graph_route(h, obs) if self.graph is not None and obs is not None else None
+        route = plan["route"] if plan is not None else []
+        handover = len(route) == 1 and float(plan["start_steps"][route[0]]) <= self.k
+        use = bool(route) and not handover
+        if self._record_plan and not explore and plan is not None:
+            self.drawn_plan = {"start": np.array(obs["achieved_goal"]), "goal": np.array(obs["desired_goal"]),
+                               "route": list(route)}
+            self._record_plan = False
+        if explore:
+            self._stat("goal/plan_used", float(use))
+            if route:
+                self._stat("goal/plan_length", len(route))
+                self._stat("goal/plan_steps", plan["steps"])
+        if use:
+            u = self.action_from_goal(g_target, plan["latents"][route[0]:route[0] + 1])
+        else:
+            u = self.high.act(h, explore)
+        return u, self.goal_from_action(g_target, u)
+
+    def plan_image(self) -> np.ndarray | None:
+        """The landmarks, their edges and the last drawn route over the maze's wall map (CHW uint8)."""
+        graph, layout = self.graph, self.maze_layout
+        if graph is None or layout is None:
+            return None
+        finite = torch.isfinite(graph.weights)
+        undirected = torch.triu(finite | finite.T, diagonal=1).nonzero().cpu().numpy()
+        plan = self.drawn_plan or {}
+        route_xy = (np.concatenate([plan["start"][None], graph.xy[plan["route"]]]) if plan.get("route") else None)
+        cell_px = max(8, min(32, 256 // max(layout.walls.shape)))  # UMaze 160 px, Medium 256, Large 252 x 189
+        return draw_plan(layout.walls, lambda xy: layout.to_pixel(xy, cell_px), graph.xy, undirected, route_xy,
+                         plan.get("start"), plan.get("goal"), cell_px)
 
     def _stat(self, key: str, value) -> None:
         self.env_stats.setdefault(key, []).append(float(value))
@@ -680,6 +890,8 @@ class GoalHRL(Agent):
         for key, values in self.env_stats.items():
             metrics[key] = float(np.mean(values))
         self.env_stats = {}
+        if self.graph_planning and (self.graph is None or step - self.graph.built_at >= self.graph_rebuild_every):
+            metrics.update(self.rebuild_graph(step))
 
         # ---- low level + goal encoder + f + decoder, one batch
         b = self.sample_low()
@@ -752,7 +964,11 @@ class GoalHRL(Agent):
     # ------------------------------------------------------------------ observability
     @torch.no_grad()
     def images(self) -> dict[str, np.ndarray]:
-        """Last stored frame beside its reconstruction through E and the decoder (pixel envs)."""
+        """Last stored frame beside its reconstruction through E and the decoder (pixel envs); with
+        graph planning on a maze, the landmarks and the last evaluation episode's first route."""
+        if self.graph_planning:
+            img = self.plan_image()
+            return {} if img is None else {"goal/landmark_plan": img}
         if not self.is_pixel or self.replay.size == 0:
             return {}
         obs = torch.as_tensor(self.replay.obs[(self.replay.ptr - 1) % self.replay.capacity], device=self.device)
@@ -769,7 +985,8 @@ class GoalHRL(Agent):
 
         pending = None if self.pending is None else tensors(self.pending)
         return {"num_updates": self.num_updates, "state": tensors(self.state[True]), "pending": pending,
-                "env_stats": {k: list(v) for k, v in self.env_stats.items()}}
+                "env_stats": {k: list(v) for k, v in self.env_stats.items()},
+                "graph": None if self.graph is None else self.graph.state()}
 
     def load_extra_state(self, state: dict) -> None:
         self.num_updates = state["num_updates"]
@@ -780,3 +997,4 @@ class GoalHRL(Agent):
         self.state[True] = arrays(state["state"])
         self.pending = None if state["pending"] is None else arrays(state["pending"])
         self.env_stats = {k: list(v) for k, v in state["env_stats"].items()}
+        self.graph = LandmarkGraph.from_state(state.get("graph"), self.device)

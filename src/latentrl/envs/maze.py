@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+from dataclasses import dataclass
 
 import gymnasium as gym
+import numpy as np
 from omegaconf import DictConfig
 
 from latentrl.config import ConfigError
@@ -45,3 +47,31 @@ def make_maze(env_cfg: DictConfig, kwargs: dict) -> gym.Env:
         raise ConfigError(f"env.id={env_cfg.id} needs the gymnasium-robotics package: pip install -e . "
                           "(it is a latentrl dependency) or pip install gymnasium-robotics") from None
     return gym.make(env_id, **kwargs)
+
+
+@dataclass
+class MazeLayout:
+    """A maze's wall map and the transform from its (x, y) coordinates to pixels of a picture of it
+    (for drawing landmarks and plans; gymnasium-robotics' Maze: cell (row, col) has its centre at
+    x = (col + 0.5) * scaling - x_center, y = y_center - (row + 0.5) * scaling)."""
+
+    walls: np.ndarray  # (rows, cols) bool, True where a wall block stands
+    scaling: float  # metres per cell
+    x_center: float
+    y_center: float
+
+    @classmethod
+    def of(cls, env: gym.Env) -> "MazeLayout | None":
+        """The layout of a gymnasium-robotics maze env (wrapped or not); None for any other env."""
+        maze = getattr(env.unwrapped, "maze", None)
+        if maze is None or not hasattr(maze, "maze_map"):
+            return None
+        walls = np.array([[cell == 1 for cell in row] for row in maze.maze_map], dtype=bool)
+        return cls(walls, float(maze.maze_size_scaling), float(maze.x_map_center), float(maze.y_map_center))
+
+    def to_pixel(self, xy: np.ndarray, cell_px: int) -> np.ndarray:
+        """(n, 2) maze coordinates -> (n, 2) pixel coordinates (x right, y down) at cell_px per cell."""
+        xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+        col = (xy[:, 0] + self.x_center) / self.scaling
+        row = (self.y_center - xy[:, 1]) / self.scaling
+        return np.stack([col, row], 1) * cell_px
