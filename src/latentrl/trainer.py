@@ -127,13 +127,14 @@ def build_agent(cfg: DictConfig, env, device: torch.device, seed: int):
     gets the env's goal reward functions (for hindsight relabeling); agents that cannot use goals
     are refused. With env.num_envs > 1 the agent keeps one replay stream per sub-env."""
     obs_space, action_space = env.observation_space, env.action_space
-    kwargs = {"num_envs": cfg.env.num_envs} if cfg.env.num_envs > 1 else {}
+    num_envs = cfg.env.get("num_envs", 1)  # configs saved before vector envs (scripts/evaluate.py) lack it
+    kwargs = {"num_envs": num_envs} if num_envs > 1 else {}
     if is_goal_space(obs_space):
         if not getattr(get_class(cfg.agent._target_), "goal_conditioned", False):
             raise ConfigError(f"{cfg.agent._target_} does not handle goal-conditioned envs (env.id={cfg.env.id}, "
                               "dict observations): use agent=sac (SAC + HER) or agent=goal_hrl")
-        if cfg.env.num_envs > 1:
-            raise ConfigError(f"env.num_envs={cfg.env.num_envs}: goal-conditioned envs (env.id={cfg.env.id}, dict "
+        if num_envs > 1:
+            raise ConfigError(f"env.num_envs={num_envs}: goal-conditioned envs (env.id={cfg.env.id}, dict "
                               "observations) train on one env; set env.num_envs=1")
         kwargs["goal_fns"] = GoalFunctions(env)
     log.info("building encoder %s", cfg.encoder._target_)
