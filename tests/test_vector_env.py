@@ -4,18 +4,23 @@ per-sub-env episode bookkeeping, start-up refusals, and compile's fallback."""
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, compose_cfg, train_run
+from conftest import ROOT, TINY, compose_cfg, train_run
 from latentrl.agents import base
 from latentrl.buffers import ReplayBuffer
 from latentrl.config import ConfigError
 from latentrl.envs import episode_seed, make_env
 from latentrl.envs.vector import TrainEnvs
-from test_resume import EXACT, straight_and_resumed
+from test_resume import EXACT, _wait_for_step, straight_and_resumed
 
 
 @pytest.mark.parametrize("overrides,steps", [
@@ -127,6 +132,26 @@ def test_episodes_counted_per_sub_env(tmp_path):
     assert len({round(ln["train/episode_return"], 3) for ln in logged}) == len(logged), "no episode counted twice"
     assert results["updates"] == 300 - 100
     assert [ln["step"] for ln in lines if "loss/critic" in ln] == [102, 150, 201, 252, 300]  # log_every=50, 3 at a time
+
+
+def test_ctrl_c_to_the_process_group_checkpoints_and_leaves_no_workers(tmp_path):
+    """Ctrl-C (and SLURM's SIGTERM) reach every process of the group, async sub-env workers too:
+    the run still stops at a safe point with a checkpoint, and no worker outlives it."""
+    proc = subprocess.Popen([sys.executable, "train.py", "env=pendulum", "agent=sac", "agent.hidden_dims=[32,32]",
+                             "env.num_envs=2", "env.vector_mode=async", f"hydra.run.dir={tmp_path}", "threads=1",
+                             *EXACT, "trainer.total_steps=100000"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait_for_step(tmp_path, 150, proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0 and "checkpoint saved" in out, out[-2000:]
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes of the run still alive: {left}"
 
 
 @pytest.mark.parametrize("overrides,fix", [

@@ -44,12 +44,18 @@ def replay_episode(env: gym.Env, seed: int, actions) -> np.ndarray:
 
 def _sub_env(env_cfg: DictConfig, index: int, worker: bool):
     """Sub-env factory (pickled into async workers). A worker uses one torch thread: its only torch
-    work is resizing frames, and N workers with several threads each would fight for the cores."""
+    work is resizing frames, and N workers with several threads each would fight for the cores.
+    It ignores SIGINT/SIGTERM (Ctrl-C and SLURM signal every process of the job): the trainer stops
+    at a safe point, checkpoints and closes it; a worker whose parent died exits on its closed pipe."""
     def make():
         if worker:
+            import signal
+
             import torch
 
             torch.set_num_threads(1)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
         return Replayable(make_env(env_cfg), index)
     return make
 
