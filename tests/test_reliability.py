@@ -77,6 +77,15 @@ def env_with(**extra):
     return env
 
 
+def wait_for_marker(proc, marker, timeout_s, message):
+    """Block until the training subprocess creates `marker` (it is inside SlowRetrainSAC's retrain)."""
+    deadline = time.time() + timeout_s
+    while not marker.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, message
+        time.sleep(0.1)
+
+
 def test_strict_json_writes_null_for_non_finite():
     assert strict_load(strict_json({"a": float("nan"), "b": [1.0, float("inf")], "c": 2})) == {"a": None,
                                                                                               "b": [1.0, None], "c": 2}
@@ -149,11 +158,7 @@ def test_sigterm_inside_a_long_update_exits_promptly_and_resumes_exactly(tmp_pat
                              f"hydra.run.dir={run_dir}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env_with(RETRAIN_MARKER=marker, RETRAIN_STEP=230))
     try:
-        deadline = time.time() + 120
-        while not marker.exists():
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.time() < deadline, "the run never reached the retrain"
-            time.sleep(0.1)
+        wait_for_marker(proc, marker, 120, "the run never reached the retrain")
         sent = time.time()
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
@@ -193,11 +198,7 @@ def test_sigterm_stops_a_sweep_with_checkpoints_and_no_orphan_workers(tmp_path, 
                              f"hydra.sweep.dir={sweep}"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env_with(RETRAIN_MARKER=marker, RETRAIN_STEP=230))
     try:
-        deadline = time.time() + 180
-        while not marker.exists():
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.time() < deadline, "no job reached the retrain"
-            time.sleep(0.1)
+        wait_for_marker(proc, marker, 180, "no job reached the retrain")
         workers = _children(proc.pid)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=90)
