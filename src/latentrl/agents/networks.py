@@ -131,7 +131,8 @@ def random_shift(obs: torch.Tensor, pad: int) -> torch.Tensor:
     ar_w = torch.linspace(-1.0 + eps_w, 1.0 - eps_w, w + 2 * pad, device=obs.device)[:w]
     base = torch.stack(torch.meshgrid(ar_h, ar_w, indexing="ij")[::-1], dim=-1)  # (h, w, 2) as (x, y)
     shift = torch.randint(0, 2 * pad + 1, (n, 1, 1, 2), device=obs.device).float()
-    shift = shift * torch.tensor([2.0 / (w + 2 * pad), 2.0 / (h + 2 * pad)], device=obs.device)
+    shift[..., 0] *= 2.0 / (w + 2 * pad)  # pixels -> grid units, per axis; python scalars: a torch.tensor([...],
+    shift[..., 1] *= 2.0 / (h + 2 * pad)  # device=cuda) here would be a host->device copy that syncs every update
     return F.grid_sample(x, base.unsqueeze(0) + shift, padding_mode="zeros", align_corners=False)
 
 
