@@ -68,3 +68,63 @@ def test_pixel_preprocess_runs_once_per_agent_step(monkeypatch):
     for _ in range(3):
         env.step(np.zeros(3, np.float32))
     assert len(calls) == 1 + 3  # reset + one per agent step, not one per raw frame
+
+
+def _carracing(lazy: bool, max_frames: int):
+    """experiment=carracing_cpu's env (48x48 gray, 3 stacked, repeat 4), drawing every frame or lazily."""
+    cfg = compose_cfg(["experiment=carracing_cpu", f"env.max_episode_steps={max_frames}", f"env.lazy_render={lazy}"])
+    return make_env(cfg.env)
+
+
+def test_carracing_lazy_render_gives_the_same_steps():
+    """Skipping the drawing of repeated frames changes nothing the agent sees: same frames, rewards
+    and episode ends, including an episode cut mid-repeat (30 frames = 7 agent steps + 2 frames)."""
+    envs = [_carracing(lazy, max_frames=30) for lazy in (False, True)]
+    rng = np.random.default_rng(0)
+    for episode in range(2):
+        obs = [env.reset(seed=episode)[0] for env in envs]
+        np.testing.assert_array_equal(obs[0], obs[1])
+        for t in range(8):
+            action = rng.uniform(-1, 1, 3).astype(np.float32)
+            out = [env.step(action) for env in envs]
+            np.testing.assert_array_equal(out[0][0], out[1][0])
+            assert out[0][1:4] == out[1][1:4]  # reward, terminated, truncated
+            if out[0][3]:
+                break
+        assert t == 7 and out[0][3], "the 30-frame limit ends the 8th agent step after 2 of its 4 frames"
+
+
+@pytest.mark.parametrize("lazy, draws", [(True, 5), (False, 20)])
+def test_carracing_lazy_render_draws_once_per_agent_step(monkeypatch, lazy, draws):
+    from gymnasium.envs.box2d.car_racing import CarRacing
+
+    drawn = []
+    orig = CarRacing._render
+    monkeypatch.setattr(CarRacing, "_render", lambda self, mode, **kw: drawn.append(mode) or orig(self, mode, **kw))
+    env = _carracing(lazy=lazy, max_frames=1000)
+    env.reset(seed=0)
+    before = len(drawn)
+    for _ in range(5):
+        env.step(np.zeros(3, np.float32))
+    assert len(drawn) - before == draws  # lazily one drawing per agent step, else one per frame (repeat 4)
+
+
+def test_random_shift_crops_the_padded_image_at_whole_pixel_offsets():
+    """DrQ's augmentation: every image is its replicate-padded self cropped at an integer offset
+    in [0, 2 * pad] per axis, offsets differ between images, and pad=0 returns the input."""
+    import torch
+    import torch.nn.functional as F
+
+    from latentrl.agents.networks import random_shift
+
+    torch.manual_seed(0)
+    pad, obs = 4, torch.randint(0, 256, (16, 3, 20, 20), dtype=torch.uint8)
+    out, padded = random_shift(obs, pad), F.pad(obs.float(), (pad,) * 4, mode="replicate")
+    offsets = []
+    for img, src in zip(out, padded):
+        found = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                 if torch.allclose(img, src[:, dy:dy + 20, dx:dx + 20], atol=1e-3)]
+        assert found, "not a whole-pixel crop of the padded image"
+        offsets.append(found[0])
+    assert len(set(offsets)) > 4
+    assert torch.allclose(random_shift(obs, 0), obs.float(), atol=1e-3)

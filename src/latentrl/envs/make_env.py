@@ -50,7 +50,7 @@ def make_env(env_cfg: DictConfig, render_mode: str | None = None) -> gym.Env:
     # preprocessing runs once per agent step and stacked frames are `action_repeat` env frames apart
     # (the motion signal the stack exists for), not consecutive raw frames.
     if env_cfg.action_repeat > 1:
-        env = ActionRepeat(env, env_cfg.action_repeat)
+        env = ActionRepeat(env, env_cfg.action_repeat, lazy_render=env_cfg.get("lazy_render", True))
     if env_cfg.pixels:
         env = PixelPreprocess(env, env_cfg.resize, env_cfg.grayscale)
         if env_cfg.frame_stack > 1:
