@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
@@ -345,6 +346,82 @@ def test_f_multistep_loss_uses_the_real_actions_and_stops_at_episode_ends():
     assert torch.allclose(loss(), total / count, rtol=1e-5)
 
 
+def test_inverse_dynamics_is_off_by_default_and_builds_nothing():
+    agent, env = build_agent()
+    assert agent.inverse is None and not any(key.startswith("inverse.") for key in agent.state_dict())
+    collect(agent, env, 60)
+    metrics = agent.update(0)
+    assert "loss/inverse" not in metrics and "goal/inverse_r2" not in metrics
+    agent, _ = build_agent("agent.model.inverse_weight=0.5")  # on: checkpointed, trained by model_opt
+    assert {"inverse.0.weight", "inverse.2.weight"} <= agent.state_dict().keys()
+    trained = {id(p) for group in agent.model_opt.param_groups for p in group["params"]}
+    assert all(id(p) in trained for p in agent.inverse.parameters())
+    with pytest.raises(BAD_CONFIG, match="inverse_weight"):
+        build_agent("agent.model.inverse_weight=-1")
+
+
+def test_inverse_loss_predicts_the_stored_action_from_online_goals_of_both_observations():
+    agent, env = build_agent("agent.model.inverse_weight=1.0", "env.max_episode_steps=30")
+    collect(agent, env, 70)  # transitions at episode ends too: their next observation is the final one
+    rb, seen = agent.replay, {}
+    real_sample = agent.sample_low
+
+    def sample_low():  # the goals the update should feed the head, by the encoder before the update steps it
+        b = real_sample()
+        with torch.no_grad():
+            seen["g"] = agent.goal_encoder(rb.obs_at(b["idx"], "cpu"))[1]
+            seen["g_next"] = agent.goal_encoder(rb.obs_at(rb.next_idx(b["idx"]), "cpu"))[1]
+        seen["action"] = torch.as_tensor(rb.action[b["idx"]])
+        return b
+
+    agent.sample_low = sample_low
+    agent.inverse.register_forward_hook(lambda module, args, out: seen.update(x=args[0].detach(), pred=out.detach()))
+    metrics = agent.update(0)
+    assert torch.allclose(seen["x"], torch.cat([seen["g"], seen["g_next"]], -1), atol=1e-6)
+    assert torch.allclose(metrics["loss/inverse"], F.mse_loss(seen["pred"], seen["action"]), rtol=1e-5)
+    action_var = seen["action"].var(0, unbiased=False).mean()
+    assert torch.allclose(metrics["goal/inverse_r2"], 1 - metrics["loss/inverse"] / action_var)
+    # its gradient reaches the goal head through g_t, and the goal head and the trunk through g_{t+1}
+    obs, next_obs = rb.obs_at(np.arange(32), "cpu"), rb.obs_at(rb.next_idx(np.arange(32)), "cpu")
+    g = agent.goal_encoder(obs)[1]
+    g.retain_grad()
+    agent.inverse_loss(g, next_obs, torch.as_tensor(rb.action[:32]))[0].backward()
+    assert g.grad.abs().sum() > 0
+    agent.goal_encoder.zero_grad()
+    agent.inverse_loss(g.detach(), next_obs, torch.as_tensor(rb.action[:32]))[0].backward()
+    assert agent.goal_encoder.head[0].weight.grad.abs().sum() > 0
+    assert all(p.grad.abs().sum() > 0 for p in agent.goal_encoder.trunk.parameters())
+
+
+def test_inverse_loss_enters_the_encoder_signal_times_its_weight():
+    grads = {}
+    for w in (1.0, 0.25):
+        torch.manual_seed(0)  # same networks, same samples
+        a, e = build_agent(f"agent.model.inverse_weight={w}")
+        collect(a, e, 60)
+        a.model_opt.step = a.low.critic_opt.step = a.high.critic_opt.step = lambda: None  # keep the grads
+        # only the inverse loss reaches the encoder
+        a.f_weight, a.recon_weight, a.high_trains_encoder = 0.0, 0.0, False
+        a.low.critic_loss = lambda *args: (torch.zeros((), requires_grad=True), {"q_mean": torch.zeros(())})
+        a.update(0)
+        grads[w] = (a.goal_encoder.head[0].weight.grad.clone(), a.inverse[0].weight.grad.clone())
+    assert grads[1.0][0].abs().sum() > 0
+    assert torch.allclose(grads[0.25][0], 0.25 * grads[1.0][0], rtol=1e-4, atol=1e-9)
+    assert torch.allclose(grads[0.25][1], 0.25 * grads[1.0][1], rtol=1e-4, atol=1e-9)
+
+
+def test_inverse_dynamics_learns_pendulum_actions():
+    """Pendulum's torque shows in its velocity change, so (g_t, g_t+1) come to predict a_t: the batch
+    r2 of random actions rises from about 0 in 400 updates (seed 0: 0.06 -> 0.45, seed 1: -0.05 ->
+    0.17, means of the first and last 50; at the default lr 3e-4 it climbs about 3x slower)."""
+    torch.manual_seed(0)
+    agent, env = build_agent("agent.model.inverse_weight=1.0", "agent.model.lr=1e-3", "agent.planning.candidates=0")
+    collect(agent, env, 400)
+    r2 = [float(agent.update(step)["goal/inverse_r2"]) for step in range(400)]
+    first, last = np.mean(r2[:50]), np.mean(r2[-50:])
+    assert last > 0.1 and last > first + 0.1, (first, last)
+
+
 def test_planning_scores_are_raw_q_minus_priced_miss(monkeypatch):
     agent, env = build_agent("agent.planning.candidates=5", "agent.planning.q_weight=2.0",
                              "agent.planning.dist_weight=3.0")
@@ -513,15 +590,18 @@ def _same_extra(a, b):
     return a == b
 
 
-def test_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["agent.model.inverse_weight=1.0"]], ids=["default", "inverse"])
+def test_resume_is_exact(tmp_path, extra):
     exact = ["agent=goal_hrl", "env=pendulum", *FAST, "agent.k=7", "trainer.warmup_steps=60", "trainer.eval_every=0",
-             "trainer.eval_episodes=1", "trainer.log_every=50", "trainer.checkpoint_every=0", "trainer.progress=false"]
+             "trainer.eval_episodes=1", "trainer.log_every=50", "trainer.checkpoint_every=0", "trainer.progress=false",
+             *extra]
     train_run([*exact, "trainer.total_steps=220"], tmp_path / "straight")  # crosses the 200-step episode end
     train_run([*exact, "trainer.total_steps=110"], tmp_path / "split")  # mid-episode, mid-window (110 % 7 != 0)
     train_run([f"resume={tmp_path / 'split'}", "trainer.total_steps=220"], tmp_path / "unused")
     load = lambda d, f: torch.load(d / "checkpoints" / f, weights_only=True)  # noqa: E731
     a, b = load(tmp_path / "straight", "last.pt")["agent"], load(tmp_path / "split", "last.pt")["agent"]
     assert a["modules"].keys() == b["modules"].keys()
+    assert ("inverse.0.weight" in a["modules"]) == bool(extra)  # the inverse head is checkpointed when on
     for key in a["modules"]:
         assert torch.equal(a["modules"][key], b["modules"][key]), key
     assert _same_extra(a["extra"], b["extra"]) and a["extra"]["state"]["goal"] is not None

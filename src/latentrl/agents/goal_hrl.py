@@ -13,6 +13,9 @@ Two SAC levels share one observation encoder:
 - a **goal transition model** f(g_t, h_t, a_t) -> (g_{t+1}, h_{t+1}), trained on multi-step
   rollouts of the real actions (as it is used): its error shapes the latent space (auxiliary loss) and it plans: the high level proposes candidates, f rolls each out k steps
   under the low-level policy, and the one predicted most reachable (traded off against Q_high) wins;
+- optionally an **inverse dynamics** head (ICM) predicting a_t from the online goals (g_t, g_{t+1})
+  (`model.inverse_weight` > 0): where the observation changes whatever the agent does (CarRacing's
+  scrolling track), it pulls the goal space toward what the actions change, so goals can be steered to;
 - a **high level** (SACCore over h(s), squashed actions u in [-1,1]^d) choosing a goal every k
   steps, trained on the extrinsic reward summed over the window, with HAC's hindsight action
   relabeling (the goal actually reached replaces the proposed one) so its off-policy data stays
@@ -200,7 +203,7 @@ class GoalHRL(Agent):
         self.seed = int(seed)
         low, high, model = dict(low or {}), dict(high or {}), dict(model or {})
         decoder, contrastive, planning = dict(decoder or {}), dict(contrastive or {}), dict(planning or {})
-        self._validate(goal_dim, k, reward, low, high, planning)
+        self._validate(goal_dim, k, reward, low, high, model, planning)
         graph_cfg = self._validate_graph(planning, obs_space)
         self.goal_dim, self.k, self.reward_type = int(goal_dim), int(k), reward
         self.batch_size, self.actor_update_every = int(batch_size), int(actor_update_every)
@@ -222,6 +225,11 @@ class GoalHRL(Agent):
         self.f_weight = float(model.get("aux_weight", 1.0))
         self.f_horizon = int(model.get("horizon") or self.k)  # planning rolls f out k steps: train it so
         self.f_batch = int(model.get("rollout_batch", 32))
+        # optional inverse dynamics head a_t <- (g_t, g_t+1); off (0) builds none, so runs and checkpoints
+        # without it stay exactly as they were
+        self.inverse_weight = float(model.get("inverse_weight", 0.0))
+        self.inverse = (mlp(2 * d, tuple(model.get("inverse_hidden_dims", (256,))), n_act)
+                        if self.inverse_weight > 0 else None)
         self.contrastive = (ContrastiveReward(d, tuple(contrastive.get("hidden_dims", (256,))),
                                               int(contrastive.get("embed_dim", 64)),
                                               float(contrastive.get("temperature", 0.1)))
@@ -229,6 +237,8 @@ class GoalHRL(Agent):
         model_params = [*self.goal_encoder.parameters(), *self.decoder.parameters(), *self.f.parameters()]
         if self.contrastive is not None:
             model_params += list(self.contrastive.parameters())
+        if self.inverse is not None:
+            model_params += list(self.inverse.parameters())
         self.model_opt = torch.optim.Adam(model_params, lr=float(model.get("lr", lr)))
 
         # the two SAC levels; the encoder is in neither critic optimizer: model_opt steps it once per
@@ -310,13 +320,16 @@ class GoalHRL(Agent):
         self.to(self.device)
 
     @staticmethod
-    def _validate(goal_dim, k, reward, low, high, planning) -> None:
+    def _validate(goal_dim, k, reward, low, high, model, planning) -> None:
         if reward not in REWARDS:
             raise ConfigError(f"agent.reward={reward!r} is unknown: set agent.reward to one of {', '.join(REWARDS)}")
         if int(k) < 1:
             raise ConfigError(f"agent.k must be >= 1 (env steps per high-level goal), got {k}")
         if int(goal_dim) < 1:
             raise ConfigError(f"agent.goal_dim must be >= 1, got {goal_dim}")
+        if float(model.get("inverse_weight", 0.0)) < 0:
+            raise ConfigError(f"agent.model.inverse_weight must be >= 0 (0 turns the inverse dynamics loss off), "
+                              f"got {model.get('inverse_weight')}")
         correction = high.get("correction", "hac")
         if correction not in CORRECTIONS:
             raise ConfigError(f"agent.high.correction={correction!r} is unknown: "
@@ -821,6 +834,17 @@ class GoalHRL(Agent):
             info["goal/f_error_last"] = ((g_err * mask[:, -1]).sum() / mask[:, -1].sum().clamp(min=1)).detach()
         return total / count, info
 
+    def inverse_loss(self, g: torch.Tensor, next_obs, action: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Inverse dynamics loss (ICM): mean squared error of the action a_t predicted from the online
+        goals (g_t, g_{t+1}), so its gradient shapes the goal head and trunk through both ends of the
+        transition. g_{t+1} costs one more online encoder pass (the batch only has EMA encodings of
+        next_obs; on pixels it gets its own random shift). inverse_r2 = 1 - mse / var(a) over the
+        batch: 0 when the goals say nothing of the action, 1 when they determine it."""
+        g_next = self.goal_encoder(self._augment(next_obs))[1]
+        mse = F.mse_loss(self.inverse(torch.cat([g, g_next], -1)), action)
+        r2 = 1.0 - mse.detach() / action.var(0, unbiased=False).mean().clamp(min=1e-8)
+        return mse, {"loss/inverse": mse.detach(), "goal/inverse_r2": r2}
+
     def window_start_slots(self, idx: np.ndarray) -> np.ndarray:
         """Replay slot of the observation that started the goal window of each transition slot. Where
         that slot was already overwritten by a newer episode (the writer just wrapped past it; rare
@@ -913,6 +937,10 @@ class GoalHRL(Agent):
             nce_loss = self.contrastive.loss(g_next_t, b["future_goal"])
             total = total + nce_loss
             metrics["loss/contrastive"] = nce_loss.detach()
+        if self.inverse is not None:
+            inverse_loss, inverse_info = self.inverse_loss(g, b["next_obs"], b["action"])
+            total = total + self.inverse_weight * inverse_loss
+            metrics.update(inverse_info)
 
         # ---- high level (shares the encoder; its critic may train it too)
         do_high = self.num_updates % self.high_update_every == 0 and len(self.high_replay) > 0
