@@ -48,6 +48,32 @@ def collect(agent, env, steps, random=True, seed=0):
 
 
 # ----------------------------------------------------------------------------- units
+def test_reach_reward_counts_steps_and_ends_the_goal_episode_where_reached():
+    """reward=reach (SoRB): -1 until E(s') is within reach_radius x the k-step motion of the goal, 0
+    there, and the critic does not bootstrap past a reached goal (nor past an env termination)."""
+    agent, env = build_agent("agent.reward=reach", "agent.low.reach_radius=0.5")
+    agent.motion.update(torch.tensor(0.2))  # k-step motion 0.2 per dim: reached within 0.1 RMS per dim
+    goal = torch.zeros(3, agent.goal_dim)
+    achieved = torch.stack([torch.full((agent.goal_dim,), v) for v in (0.05, 0.099, 0.2)])
+    assert torch.equal(agent.goal_reward(achieved, goal), torch.tensor([0.0, 0.0, -1.0]))
+    collect(agent, env, 400)
+    seen = {}
+    core_loss = agent.low.critic_loss
+
+    def spy(feat, action, reward, next_feat, discount):
+        seen.update(reward=reward, discount=discount)
+        return core_loss(feat, action, reward, next_feat, discount)
+
+    agent.low.critic_loss = spy
+    agent.motion.update(torch.tensor(0.2))
+    agent.np_rng = np.random.default_rng(1)
+    agent.update(400)
+    reached = seen["reward"] == 0.0
+    assert set(seen["reward"].unique().tolist()) <= {-1.0, 0.0} and reached.any() and (~reached).any()
+    assert torch.all(seen["discount"][reached] == 0.0)  # reached: no bootstrap
+    assert torch.allclose(seen["discount"][~reached], torch.tensor(agent.low.gamma))  # pendulum never terminates
+
+
 def test_distance_and_cosine_rewards():
     achieved = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     goal = torch.tensor([[1.0, 0.0], [0.0, -2.0]])

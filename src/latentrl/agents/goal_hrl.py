@@ -69,7 +69,7 @@ from latentrl.envs.goal import (GoalFunctions, describe_space, is_goal_space, ma
                                 vector_input)
 from latentrl.envs.maze import MazeLayout
 
-REWARDS = ("distance", "cosine", "contrastive")
+REWARDS = ("distance", "cosine", "contrastive", "reach")
 CORRECTIONS = ("hac", "none")
 GOAL_SPACES = ("relative", "absolute")
 PLAN_METHODS = ("sample", "cem", "graph")
@@ -255,6 +255,9 @@ class GoalHRL(Agent):
         self.low_reward_scale = float(low.get("reward_scale", 1.0))
         # goal and env rewards each divided by their running batch spread, so neither drowns the other
         self.low_normalize = bool(low.get("normalize_rewards", True))
+        # reward=reach (SoRB/DHRL): -1 per step until E(s') lies within reach_radius x the k-step latent
+        # motion (RMS per dim) of the goal, which ends the goal's episode: the value then counts steps
+        self.reach_radius = float(low.get("reach_radius", 0.25))
         self.goal_reward_spread, self.env_reward_spread = RunningMean(), RunningMean()
         self.high = sac_core(high, feat_dim, d)
         self.high_correction = high.get("correction", "hac")
@@ -755,7 +758,15 @@ class GoalHRL(Agent):
         return {"replay": self.replay, "high_replay": self.high_replay}
 
     # ------------------------------------------------------------------ learning
+    def goal_reached(self, achieved: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        """reward=reach: within reach_radius x the k-step motion per dim (before the first motion
+        measurement: x the initial reach goal_scale / scale_motion_mult)."""
+        motion = self.k_step_motion if self.motion.ready else self.init_goal_scale / self.scale_motion_mult
+        return goal_distance(achieved, goal) < (self.reach_radius * motion) ** 2
+
     def goal_reward(self, achieved: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        if self.reward_type == "reach":
+            return self.goal_reached(achieved, goal).float() - 1.0
         if self.reward_type == "distance":
             return distance_reward(achieved, goal)
         if self.reward_type == "cosine":
@@ -767,7 +778,7 @@ class GoalHRL(Agent):
         """reward_scale x goal reward + extrinsic_weight x env reward; with low.normalize_rewards each
         term is first divided by its running batch spread, so the weights mean what they say (on
         CarRacing the raw track reward is ~40x the goal reward's scale)."""
-        if self.low_normalize:
+        if self.low_normalize and self.reward_type != "reach":  # reach's -1/0 already has a step's scale
             self.goal_reward_spread.update(goal_r.std())
             goal_r = goal_r / (self.goal_reward_spread.value + 1e-6)
             if self.low_extrinsic:
@@ -924,9 +935,11 @@ class GoalHRL(Agent):
         h_next_t, g_next_t = self.target_goals(b["next_obs"])
         goal = b["goal"]
         reward = self.worker_reward(self.goal_reward(g_next_t, goal), b["reward"])
+        ends = b["terminated"]  # reward=reach: reaching the goal also ends its episode (no bootstrap)
+        if self.reward_type == "reach":
+            ends = torch.maximum(ends, self.goal_reached(g_next_t, goal).float())
         low_loss, low_info = self.low.critic_loss(torch.cat([h, goal], -1), b["action"], reward,
-                                                  torch.cat([h_next_t, goal], -1),
-                                                  self.low.gamma * (1.0 - b["terminated"]))
+                                                  torch.cat([h_next_t, goal], -1), self.low.gamma * (1.0 - ends))
         f_loss, f_info = self.f_rollout_loss(b["idx"], h, g, h_next_t, g_next_t)
         metrics.update(f_info)
         nr = min(self.recon_batch, len(g))
