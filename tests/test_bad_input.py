@@ -1,5 +1,6 @@
 """Bad input gets a clear message naming the key and the fix, not a deep stack trace."""
 
+import os
 import subprocess
 import sys
 
@@ -10,7 +11,8 @@ from latentrl.config import ConfigError
 
 
 def cli(*overrides):
-    proc = subprocess.run([sys.executable, "train.py", *overrides, "hydra.run.dir=/tmp/latentrl-bad-input"],
+    run_dir = f"/tmp/latentrl-bad-input-{os.getpid()}"  # one per pytest worker process
+    proc = subprocess.run([sys.executable, "train.py", *overrides, f"hydra.run.dir={run_dir}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     return proc.returncode, proc.stdout + proc.stderr
 

@@ -7,7 +7,9 @@ Two SAC levels share one observation encoder:
   by the prediction loss of the goal transition model; an EMA copy of it gives rewards, HER goals
   and model targets so they do not chase themselves;
 - a **low level** pi(a|s,g), Q(s,a,g) (SACCore over [h(s), g]) rewarded for reaching the goal:
-  r = -||E(s')-g||^2 / d, cos(E(s'), g) (Director), or an InfoNCE critic's similarity; trained on
+  r = -||E(s')-g||^2 / d, cos(E(s'), g) (Director), an InfoNCE critic's similarity, or reach (SoRB:
+  -1 per step until E(s') is within a radius of g, which ends the goal's episode, so the value
+  counts steps, as graph planning reads it); trained on
   replay with HER "future" relabeling (goals = EMA encodings of observations up to her_horizon steps
   later, at sample time);
 - a **goal transition model** f(g_t, h_t, a_t) -> (g_{t+1}, h_{t+1}), trained on multi-step
