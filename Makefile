@@ -5,6 +5,8 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 EXTRAS ?= dev
 ARGS ?=
+# pytest worker processes for make test / test-fast (pytest-xdist; 0: one process). Each test runs one torch thread.
+TEST_JOBS ?= 2
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
@@ -27,10 +29,10 @@ train: $(STAMP) ## run the default experiment (extra Hydra overrides: make train
 	$(PY) train.py $(ARGS)
 
 test: $(STAMP) ## run the whole test suite, learning tests included
-	$(PY) -m pytest tests $(ARGS)
+	$(PY) -m pytest tests -n $(TEST_JOBS) --dist worksteal $(ARGS)
 
 test-fast: $(STAMP) ## run the tests but skip the slow learning tests
-	$(PY) -m pytest tests -m "not slow" $(ARGS)
+	$(PY) -m pytest tests -m "not slow" -n $(TEST_JOBS) --dist worksteal $(ARGS)
 
 bench: ## throughput benchmark: our SAC vs stable-baselines3 SAC on HalfCheetah-v5
 	$(MAKE) install EXTRAS=dev,bench
