@@ -87,6 +87,12 @@ def short(value) -> str:
     return str(value)
 
 
+def fmt(x: float, like: float | None = None) -> str:
+    """Returns with one decimal; small values (success rates, sparse returns) with two. A std takes
+    the decimals of its mean (`like`)."""
+    return f"{x:.2f}" if abs(x if like is None else like) < 10 else f"{x:.1f}"
+
+
 def group_runs(runs: list[Path], ignored: set[str]) -> tuple[list[dict], list[str]]:
     """Groups of runs with the same config (seed aside) and the keys whose values differ between groups."""
     groups: dict[str, dict] = {}
@@ -99,13 +105,27 @@ def group_runs(runs: list[Path], ignored: set[str]) -> tuple[list[dict], list[st
     differing = [k for k in all_keys if len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
     # a key only some groups have comes with a different _target_ (sac vs goal_hrl): the class names it
     in_all = [k for k in differing if all(k in c for c in configs)] or differing
+
+    def named(c: dict, keys: list[str]) -> str:
+        return ", ".join(f"{k.removesuffix('._target_')}={short(c.get(k))}" for k in keys)
+
     for g in groups.values():
         c = g["config"]
         if differing:
-            g["label"] = ", ".join(f"{k.removesuffix('._target_')}={short(c.get(k))}" for k in in_all)
+            g["label"] = named(c, in_all)
         else:  # one configuration: name what it is
             env_name = c.get("env.id", "env") + (f" {c['env.task']}" if c.get("env.task") else "")
             g["label"] = f"{short(c.get('agent._target_', 'agent'))} on {env_name}"
+    # groups that share a label (goal_hrl with planning on and off beside sac: the planning keys exist
+    # only in goal_hrl's configs) also name the keys that tell them apart
+    by_label: dict[str, list[dict]] = {}
+    for g in groups.values():
+        by_label.setdefault(g["label"], []).append(g)
+    for same in (v for v in by_label.values() if len(v) > 1):
+        extra = [k for k in differing if k not in in_all
+                 and len({json.dumps(g["config"].get(k), default=str) for g in same}) > 1]
+        for g in same:
+            g["label"] = f"{g['label']}, {named(g['config'], extra)}"
     return sorted(groups.values(), key=lambda g: g["label"]), differing
 
 
@@ -158,14 +178,14 @@ def table(groups: list[dict], differing: list[str], tag: str = "eval/return_mean
         done = [(r, v) for r, v in finals if v is not None]
         if done:
             vals = np.array([v for _, v in done])
-            cell = f"{vals.mean():.1f} ± {vals.std():.1f}"
+            cell = f"{fmt(vals.mean())} ± {fmt(vals.std(), vals.mean())}"
             steps = sorted({json.loads((r / "results.json").read_text()).get("step") for r, _ in done})
         else:
             cell, steps = "no finished run", []
         seeds = seeds_of([r for r, _ in done])
         unfinished = len(finals) - len(done)
         seed_cell = f"{len(done)} ({', '.join(map(str, seeds))})" + (f" + {unfinished} unfinished" if unfinished else "")
-        per_seed = ", ".join(f"s{s}: {v:.1f}" for s, (_, v) in zip(seeds, done))
+        per_seed = ", ".join(f"s{s}: {fmt(v)}" for s, (_, v) in zip(seeds, done))
         lines.append(f"| {g['label']} | {cell} | {seed_cell} | {', '.join(map(str, steps))} | {per_seed} |")
     note = f"\nGroups differ in: {', '.join(differing)}." if differing else ""
     return ("\n".join(lines) + "\n" + note + "\nstd is the population std over seeds (numpy ddof=0).\n\n"
@@ -188,7 +208,8 @@ def curve_table(groups: list[dict], tag: str) -> str:
            "| step | frames | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for step in rows:
         frames = {step * repeats[label] for label in columns}
-        cells = [f"{v.mean():.1f} ± {v.std():.1f}" if (v := col.get(step)) is not None else "" for col in columns.values()]
+        cells = [f"{fmt(v.mean())} ± {fmt(v.std(), v.mean())}" if (v := col.get(step)) is not None else ""
+                 for col in columns.values()]
         out.append(f"| {step} | {'/'.join(map(str, sorted(frames)))} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 

@@ -13,6 +13,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import ROOT, TINY, train_run
@@ -92,6 +93,24 @@ def test_plot_groups_seeds_and_tables_their_results(runs, tmp_path):
     assert rows["agent.lr=0.0003"][0] == f"{np.mean(a):.1f} ± {np.std(a):.1f}"
     assert rows["agent.lr=0.0003"][1].startswith("2 (0, 1)")
     assert rows["agent.lr=0.001"][0] == f"{b:.1f} ± 0.0"
+
+
+def test_plot_labels_tell_apart_groups_that_differ_only_in_keys_of_one_agent(tmp_path):
+    """goal_hrl with planning on and off beside sac: the planning key exists only in goal_hrl's
+    configs, yet the two goal_hrl groups must not share a label (or a table column)."""
+    plot = load_script("plot")
+    configs = {"hrl_on": {"agent": {"_target_": "x.GoalHRL", "planning": {"candidates": 8}}},
+               "hrl_off": {"agent": {"_target_": "x.GoalHRL", "planning": {"candidates": 0}}},
+               "sac": {"agent": {"_target_": "x.SAC", "her": {"relabel_fraction": 0.8}}}}
+    runs = []
+    for name, cfg in configs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(cfg))
+        runs.append(tmp_path / name)
+    groups, _ = plot.group_runs(runs, set())
+    assert sorted(g["label"] for g in groups) == ["agent=GoalHRL, agent.planning.candidates=0",
+                                                   "agent=GoalHRL, agent.planning.candidates=8", "agent=SAC"]
+    assert plot.fmt(0.7333) == "0.73" and plot.fmt(-183.26) == "-183.3" and plot.fmt(4.21, -183.0) == "4.2"
 
 
 def test_eval_video_is_an_animated_gif_in_tensorboard(runs):
