@@ -136,6 +136,26 @@ def test_value_to_steps_conversion_is_monotone():
     assert torch.equal(again(grid), fit(grid))
 
 
+def test_discounted_steps_invert_the_value_of_a_minus_one_per_step_worker():
+    gamma = 0.95
+    read = StepsFromValue.discounted(gamma, 40)
+    n = torch.tensor([0.0, 1.0, 5.0, 20.0, 39.0])
+    values = -(1 - gamma ** n) / (1 - gamma)  # what -1 per step for n steps, then 0, is worth
+    torch.testing.assert_close(read(values), n)
+    assert read(torch.tensor([-19.9])).item() == INF  # beyond 40 steps: unreachable
+    assert read(torch.tensor([0.5])).item() == 0.0  # an optimistic value above 0: no steps
+
+
+def test_rebuild_reads_steps_in_closed_form_with_steps_discount():
+    agent, env = build_agent(*GRAPH, "agent.reward=reach", "agent.planning.graph.steps=discount",
+                             env="pointmaze")
+    collect(agent, env, 300)
+    agent.rebuild_graph(300)
+    expected = StepsFromValue.discounted(agent.low.gamma, 400)  # GRAPH's fit_horizon
+    np.testing.assert_array_equal(agent.graph.steps_fit.knots_value, expected.knots_value)
+    np.testing.assert_array_equal(agent.graph.steps_fit.knots_steps, expected.knots_steps)
+
+
 def test_graph_settings_are_validated():
     with pytest.raises(BAD_CONFIG, match="agent.planning.graph.n_landmarks must be >= 2"):
         build_agent("agent.planning.method=graph", "agent.planning.graph.n_landmarks=1", env="pointmaze")
@@ -143,6 +163,12 @@ def test_graph_settings_are_validated():
         build_agent("agent.planning.method=graph", "agent.planning.graph.sample_size=10", env="pointmaze")
     with pytest.raises(BAD_CONFIG, match="agent.planning.graph.fit_horizon"):
         build_agent("agent.planning.method=graph", "agent.planning.graph.fit_horizon=20", env="pointmaze")
+    with pytest.raises(BAD_CONFIG, match="set agent.reward=reach or agent.planning.graph.steps=fit"):
+        build_agent("agent.planning.method=graph", "agent.planning.graph.steps=discount", env="pointmaze")
+    with pytest.raises(BAD_CONFIG, match="agent.planning.graph.steps='x' is unknown: .* fit, discount"):
+        build_agent("agent.planning.method=graph", "agent.planning.graph.steps=x", env="pointmaze")
+    build_agent("agent.planning.method=graph", "agent.planning.graph.steps=discount", "agent.reward=reach",
+                env="pointmaze")
     with pytest.raises(BAD_CONFIG, match="agent.planning.method=graph .* has none"):
         build_agent("agent.planning.method=graph")  # pendulum: no task goal
 

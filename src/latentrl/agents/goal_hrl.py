@@ -76,7 +76,8 @@ CORRECTIONS = ("hac", "none")
 GOAL_SPACES = ("relative", "absolute")
 PLAN_METHODS = ("sample", "cem", "graph")
 GRAPH_DEFAULTS = {"n_landmarks": 100, "sample_size": 2000, "rebuild_every": 2000, "max_edge_steps": 20.0,
-                  "fit_pairs": 2048, "fit_horizon": None}
+                  "fit_pairs": 2048, "fit_horizon": None, "steps": "fit"}
+GRAPH_STEPS = ("fit", "discount")
 
 
 # ----------------------------------------------------------------------------- goal-reaching rewards
@@ -206,7 +207,7 @@ class GoalHRL(Agent):
         low, high, model = dict(low or {}), dict(high or {}), dict(model or {})
         decoder, contrastive, planning = dict(decoder or {}), dict(contrastive or {}), dict(planning or {})
         self._validate(goal_dim, k, reward, low, high, model, planning)
-        graph_cfg = self._validate_graph(planning, obs_space)
+        graph_cfg = self._validate_graph(planning, obs_space, reward)
         self.goal_dim, self.k, self.reward_type = int(goal_dim), int(k), reward
         self.batch_size, self.actor_update_every = int(batch_size), int(actor_update_every)
         self.encoder_tau, self.success_ratio = float(encoder_tau), float(success_ratio)
@@ -302,6 +303,7 @@ class GoalHRL(Agent):
         self.graph_max_edge = float(graph_cfg["max_edge_steps"])
         self.graph_fit_pairs = int(graph_cfg["fit_pairs"])
         self.graph_fit_horizon = int(graph_cfg["fit_horizon"] or 2 * self.graph_max_edge)
+        self.graph_steps = graph_cfg["steps"]
         self.graph: LandmarkGraph | None = None  # checkpointed (extra_state): rebuilt only on schedule
         self.maze_layout = MazeLayout.of(goal_fns.env) if goal_fns is not None else None  # for drawing plans
         self.drawn_plan: dict | None = None  # the route of the last evaluation episode's first window (images())
@@ -359,7 +361,7 @@ class GoalHRL(Agent):
                               f"({planning.get('candidates', 8)}), got {planning.get('elites')}")
 
     @staticmethod
-    def _validate_graph(planning: dict, obs_space: gym.Space) -> dict:
+    def _validate_graph(planning: dict, obs_space: gym.Space, reward: str) -> dict:
         """planning.graph settings with their defaults; method=graph refused where there is no task goal."""
         cfg = {**GRAPH_DEFAULTS, **dict(planning.get("graph") or {})}
         if planning.get("method", "sample") != "graph":
@@ -368,6 +370,12 @@ class GoalHRL(Agent):
             raise ConfigError(f"agent.planning.method=graph plans toward the task goal of a goal-conditioned env "
                               f"(env=pointmaze, env=antmaze), and this env has none ({describe_space(obs_space)}): "
                               "use agent.planning.method=sample or cem")
+        if cfg["steps"] not in GRAPH_STEPS:
+            raise ConfigError(f"agent.planning.graph.steps={cfg['steps']!r} is unknown: set it to one of "
+                              f"{', '.join(GRAPH_STEPS)}")
+        if cfg["steps"] == "discount" and reward != "reach":
+            raise ConfigError(f"agent.planning.graph.steps=discount reads the value of a -1-per-step worker, but "
+                              f"agent.reward={reward}: set agent.reward=reach or agent.planning.graph.steps=fit")
         for key, low in (("n_landmarks", 2), ("sample_size", 2), ("rebuild_every", 1), ("fit_pairs", 2)):
             if int(cfg[key]) < low:
                 raise ConfigError(f"agent.planning.graph.{key} must be >= {low}, got {cfg[key]}")
@@ -631,7 +639,8 @@ class GoalHRL(Agent):
         landmarks = {k: np.array(v[picked]) for k, v in candidates.items()}
 
         values, steps = self.fit_pairs(rng, self.graph_fit_pairs, self.graph_fit_horizon)
-        steps_fit = StepsFromValue.fit(values, steps)
+        steps_fit = (StepsFromValue.discounted(self.low.gamma, self.graph_fit_horizon) if self.graph_steps == "discount"
+                     else StepsFromValue.fit(values, steps))
         h = self.goal_encoder.trunk(self._under_goal(landmarks, ref_goal))
         weights = steps_fit(self.pairwise_values(h, latents[torch.as_tensor(picked, device=self.device)]))
         weights[weights > self.graph_max_edge] = float("inf")

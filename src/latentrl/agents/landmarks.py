@@ -93,6 +93,15 @@ class StepsFromValue:
         # each block is flat over [lo, hi]; linear between blocks (still non-increasing)
         return cls(np.stack([lo, hi], 1).reshape(-1), np.repeat(fitted, 2))
 
+    @classmethod
+    def discounted(cls, gamma: float, max_steps: int) -> "StepsFromValue":
+        """SoRB's closed form for a worker paid -1 per step until it reaches its goal (reward=reach):
+        V = -(1 - gamma^n) / (1 - gamma) after n steps, so n = log(1 + (1 - gamma) V) / log(gamma).
+        Knots at n = max_steps..0 (values increasing); values below the last read as +inf. Unlike the
+        fit, it counts the steps the worker expects to need, not the steps replay's paths took."""
+        n = np.arange(int(max_steps), -1, -1, dtype=np.float64)
+        return cls(-(1.0 - gamma ** n) / (1.0 - gamma), n)
+
     def __call__(self, values: torch.Tensor) -> torch.Tensor:
         v = values.detach().double().cpu().numpy()
         steps = np.interp(v, self.knots_value, self.knots_steps)
