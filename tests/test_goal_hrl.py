@@ -56,6 +56,11 @@ def test_reach_reward_counts_steps_and_ends_the_goal_episode_where_reached():
     goal = torch.zeros(3, agent.goal_dim)
     achieved = torch.stack([torch.full((agent.goal_dim,), v) for v in (0.05, 0.099, 0.2)])
     assert torch.equal(agent.goal_reward(achieved, goal), torch.tensor([0.0, 0.0, -1.0]))
+    agent.low_extrinsic = 1.0  # the -1/0 goal reward is kept as it is; the env reward is still normalised
+    mixed = agent.worker_reward(torch.tensor([0.0, -1.0]), torch.tensor([4.0, -4.0]))
+    assert torch.allclose(mixed, torch.tensor([0.0, -1.0]) + torch.tensor([4.0, -4.0]) / agent.env_reward_spread.value)
+    assert agent.env_reward_spread.ready and not agent.goal_reward_spread.ready
+    agent.low_extrinsic = 0.0
     collect(agent, env, 400)
     seen = {}
     core_loss = agent.low.critic_loss

@@ -789,9 +789,10 @@ class GoalHRL(Agent):
         """reward_scale x goal reward + extrinsic_weight x env reward; with low.normalize_rewards each
         term is first divided by its running batch spread, so the weights mean what they say (on
         CarRacing the raw track reward is ~40x the goal reward's scale)."""
-        if self.low_normalize and self.reward_type != "reach":  # reach's -1/0 already has a step's scale
-            self.goal_reward_spread.update(goal_r.std())
-            goal_r = goal_r / (self.goal_reward_spread.value + 1e-6)
+        if self.low_normalize:
+            if self.reward_type != "reach":  # reach's -1/0 already has a step's scale
+                self.goal_reward_spread.update(goal_r.std())
+                goal_r = goal_r / (self.goal_reward_spread.value + 1e-6)
             if self.low_extrinsic:
                 self.env_reward_spread.update(env_r.std())
                 env_r = env_r / (self.env_reward_spread.value + 1e-6)
