@@ -233,6 +233,27 @@ def test_high_level_batch_hindsight_actions_and_miss_penalty():
     assert torch.allclose(hb["discount"], agent.high_gamma ** hb["steps"].float() * (1 - hb["terminated"]))
 
 
+def test_normalized_miss_penalty_counts_motions_and_prices_in_reward_spreads():
+    """high.normalize_penalty: a miss of one k-step motion (per dim, squared) costs reach_penalty x the
+    window reward's spread, so the price follows the env's reward scale (raw: ~0 on CarRacing)."""
+    agent, env = build_agent("agent.high.normalize_penalty=true", "agent.high.reach_penalty=2.0",
+                             "agent.high.relabel_fraction=0.0")
+    collect(agent, env, 60)
+    agent.motion.update(torch.tensor(0.1))
+    agent.window_reward_spread.update(torch.tensor(5.0))
+    missed = torch.tensor([0.0, 0.01, 0.04])  # 0, 1 and 2 motions away (mean squared per dim)
+    assert torch.allclose(agent.miss_cost(missed, 2.0), torch.tensor([0.0, 10.0, 40.0]), rtol=1e-4)
+    hb = agent.sample_high()  # the batch's own reward spread enters the running spread first
+    spread, motion = float(agent.window_reward_spread.value), float(agent.k_step_motion)
+    raw = torch.as_tensor(agent.high_replay.reward[hb["idx"]])
+    assert 5.0 != spread and motion > 0
+    expected = raw - 2.0 * spread * hb["missed"] / motion ** 2
+    assert torch.allclose(hb["reward"], expected, rtol=1e-4, atol=1e-4)
+    assert float(hb["missed"].max()) > 0  # nothing relabeled: proposals pay, the check has teeth
+    agent.normalize_penalty = False
+    assert torch.equal(agent.miss_cost(missed, 2.0), 2.0 * missed)
+
+
 def test_manager_discount_is_per_step_consistent():
     agent, _ = build_agent("agent.k=5", "agent.low.gamma=0.9")
     assert agent.high_gamma == 0.9  # default: the worker's per-step discount

@@ -22,7 +22,8 @@ Two SAC levels share one observation encoder:
   steps, trained on the extrinsic reward summed over the window, with HAC's hindsight action
   relabeling (the goal actually reached replaces the proposed one) so its off-policy data stays
   valid while the low level changes, and HAC's subgoal testing as a penalty: a window whose goal
-  was missed costs `reach_penalty` x the miss distance, so the manager learns to propose goals the
+  was missed costs `reach_penalty` x the miss distance (with `normalize_penalty`, counted in k-step
+  motions and priced in spreads of the window reward), so the manager learns to propose goals the
   worker can reach. Goals are relative by default, as in HIRO: g = clip(E(s) + goal_scale * u, -1, 1),
   so even an untrained, high-entropy manager proposes goals near states the worker can reach
   (absolute goals g = u are the alternative); goal_scale follows the measured k-step motion of the
@@ -269,6 +270,10 @@ class GoalHRL(Agent):
         self.task_relabel = float(high.get("task_relabel_fraction", 0.5)) if goal_fns is not None else 0.0
         self.high_reward_scale = float(high.get("reward_scale", 1.0))
         self.reach_penalty = float(high.get("reach_penalty", 1.0))
+        # normalize_penalty: a miss is counted in k-step motions and priced in spreads of the window
+        # reward (raw, a miss of ~0.03 is ~0.1% of a CarRacing window's track reward: goals go unpriced)
+        self.normalize_penalty = bool(high.get("normalize_penalty", False))
+        self.window_reward_spread = RunningMean()
         self.high_batch = int(high.get("batch_size", self.batch_size))
         self.high_update_every = int(high.get("update_every", 1))
         self.high_trains_encoder = bool(high.get("critic_trains_encoder", True))
@@ -526,7 +531,7 @@ class GoalHRL(Agent):
         reach_penalty, what a missed goal costs it) and are not normalised across candidates:
         z-scoring near-identical candidates turned noise into choices."""
         dist = self.plan_distances(h, g, self.goal_from_action(g_target, actions))
-        score = -self.plan_dist_weight * dist
+        score = -self.miss_cost(dist, self.plan_dist_weight)
         if self.plan_q_weight:
             score = score + self.plan_q_weight * self.high.critic(hs, actions).min(0).values
         return dist, score
@@ -927,10 +932,24 @@ class GoalHRL(Agent):
         hb["stored_action"] = hb["action"]
         hb["action"] = torch.where(relabel.unsqueeze(-1), self.action_from_goal(start, achieved), hb["action"])
         hb["missed"] = goal_distance(achieved, self.goal_from_action(start, hb["action"]))
-        hb["reward"] = self.high_reward_scale * hb["reward"] - self.reach_penalty * hb["missed"]
+        task_reward = self.high_reward_scale * hb["reward"]
+        if self.normalize_penalty:
+            self.window_reward_spread.update(task_reward.std())
+        hb["reward"] = task_reward - self.miss_cost(hb["missed"], self.reach_penalty)
         hb["discount"] = self.high_gamma ** hb["steps"].float() * (1.0 - hb["terminated"])
         hb["relabeled"] = relabel
         return hb
+
+    def miss_cost(self, missed: torch.Tensor, weight: float) -> torch.Tensor:
+        """What missing a goal by `missed` (mean squared per dim) costs the manager: weight x missed;
+        with high.normalize_penalty, weight x (missed / k-step motion^2) x the running spread (std)
+        of the window reward, so weight=1 prices a miss of one typical window's travel at one
+        standard deviation of the manager's reward, whatever the encoder's and the env's scales."""
+        if not self.normalize_penalty:
+            return weight * missed
+        motion = self.k_step_motion if self.motion.ready else self.init_goal_scale / self.scale_motion_mult
+        spread = self.window_reward_spread.value if self.window_reward_spread.ready else 1.0
+        return weight * spread * missed / (motion ** 2 + 1e-8)
 
     def update(self, step: int) -> dict:
         metrics: dict = {}
@@ -984,7 +1003,8 @@ class GoalHRL(Agent):
             total = total + high_loss
             metrics["goal/high_encoder_weight"] = enc_weight
             metrics.update({"loss/high_critic": high_loss.detach(), "train/high_q_mean": high_info["q_mean"],
-                            "goal/high_miss_distance": hb["missed"].mean(), "goal/scale": float(self.goal_scale)})
+                            "goal/high_miss_distance": hb["missed"].mean(), "goal/scale": float(self.goal_scale),
+                            "goal/high_miss_cost": self.miss_cost(hb["missed"], self.reach_penalty).mean()})
             if self.motion.ready:
                 metrics["goal/k_step_motion"] = float(self.k_step_motion)
 
