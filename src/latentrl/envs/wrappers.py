@@ -50,10 +50,11 @@ class ActionRepeat(gym.Wrapper):
         return obs, total, terminated, truncated, info
 
     def _keep_frame(self, mode: str):
-        """Stands in for CarRacing._render on a repeated frame: the last drawn observation."""
+        """Stands in for CarRacing._render on a repeated frame: the last drawn observation (a copy:
+        handing back the array reset()/step() returned before trips gymnasium's shared-object check)."""
         car = self.env.unwrapped
         self._score_at_draw = car.reward  # the score the drawn frame shows in its corner
-        return car.state if mode == "state_pixels" else type(car)._render(car, mode)
+        return car.state.copy() if mode == "state_pixels" else type(car)._render(car, mode)
 
 
 class PixelPreprocess(gym.ObservationWrapper):
