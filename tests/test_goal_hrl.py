@@ -117,6 +117,8 @@ def test_unknown_config_values_name_the_allowed_ones():
         build_agent("agent.low.relabel_fraction=1.5")
     with pytest.raises(BAD_CONFIG, match="candidates"):
         build_agent("agent.planning.candidates=-1")
+    with pytest.raises(BAD_CONFIG, match="motion_stat.*rms, median"):
+        build_agent("agent.high.motion_stat=mean")
 
 
 def test_her_goals_are_target_encodings_of_later_observations_of_the_same_episode():
@@ -349,6 +351,19 @@ def test_goal_scale_follows_the_measured_k_step_motion():
     u = torch.ones(1, agent.goal_dim)
     assert torch.allclose(agent.goal_from_action(torch.zeros(1, agent.goal_dim), u), (2.0 * motion).clamp(max=1.0))
     assert {"motion.sum", "motion.weight"} <= agent.state_dict().keys()  # checkpointed with the networks
+
+
+def test_median_motion_ignores_rare_huge_windows():
+    """high.motion_stat=median: one window moving 100x the others (CarRacing's episode-start zoom)
+    sets the rms estimate but not the median one, which stays at the typical window's motion."""
+    start = torch.zeros(25, 8)
+    end = torch.full((25, 8), 0.01)
+    end[0] = 1.0  # one zoom window per 25
+    for stat, expected in (("rms", ((24 * 0.01 ** 2 + 1.0) / 25) ** 0.5), ("median", 0.01)):
+        agent, _ = build_agent(f"agent.high.motion_stat={stat}", "agent.goal_dim=8")
+        agent.record_motion(start, end)
+        assert float(agent.k_step_motion) == pytest.approx(expected, rel=1e-4), stat
+    assert expected * 10 < ((24 * 0.01 ** 2 + 1.0) / 25) ** 0.5  # the two differ by more than 10x
 
 
 def test_f_multistep_loss_uses_the_real_actions_and_stops_at_episode_ends():

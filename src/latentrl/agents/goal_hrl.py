@@ -75,6 +75,7 @@ from latentrl.envs.maze import MazeLayout
 REWARDS = ("distance", "cosine", "contrastive", "reach")
 CORRECTIONS = ("hac", "none")
 GOAL_SPACES = ("relative", "absolute")
+MOTION_STATS = ("rms", "median")
 PLAN_METHODS = ("sample", "cem", "graph")
 GRAPH_DEFAULTS = {"n_landmarks": 100, "sample_size": 2000, "rebuild_every": 2000, "max_edge_steps": 20.0,
                   "fit_pairs": 2048, "fit_horizon": None, "steps": "fit"}
@@ -290,6 +291,9 @@ class GoalHRL(Agent):
         self.adapt_scale = bool(high.get("adapt_scale", True))
         self.scale_motion_mult = float(high.get("scale_motion_mult", 2.0))
         self.motion = RunningMean(float(high.get("scale_rate", 0.01)))
+        # rms: sqrt of the batch's mean squared motion; median: the median window's RMS motion, robust to
+        # rare huge windows (CarRacing's episode-start zoom moves the latent ~100x a typical window)
+        self.motion_stat = high.get("motion_stat", "rms")
         self.optimizers = {**self.low.optimizers("low_"), **self.high.optimizers("high_"), "model": self.model_opt}
 
         self.n_candidates = int(planning.get("candidates", 8))
@@ -346,6 +350,9 @@ class GoalHRL(Agent):
         if correction not in CORRECTIONS:
             raise ConfigError(f"agent.high.correction={correction!r} is unknown: "
                               f"set it to one of {', '.join(CORRECTIONS)}")
+        if high.get("motion_stat", "rms") not in MOTION_STATS:
+            raise ConfigError(f"agent.high.motion_stat={high.get('motion_stat')!r} is unknown: "
+                              f"set it to one of {', '.join(MOTION_STATS)}")
         goal_space = high.get("goal_space", "relative")
         if goal_space not in GOAL_SPACES:
             raise ConfigError(f"agent.high.goal_space={goal_space!r} is unknown: "
@@ -419,9 +426,11 @@ class GoalHRL(Agent):
 
     @torch.no_grad()
     def record_motion(self, start: torch.Tensor, end: torch.Tensor) -> None:
-        """Fold one batch of full-window (start, end) latents into the k-step motion estimate."""
+        """Fold one batch of full-window (start, end) latents into the k-step motion estimate
+        (high.motion_stat: the batch's RMS, or its median window's)."""
         if len(start):
-            self.motion.update(goal_distance(end, start).mean().sqrt())
+            msq = goal_distance(end, start)
+            self.motion.update(msq.median().sqrt() if self.motion_stat == "median" else msq.mean().sqrt())
 
     def goal_from_action(self, g_start: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """High-level action u in [-1,1]^d -> the goal the low level pursues."""
