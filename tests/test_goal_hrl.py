@@ -119,6 +119,8 @@ def test_unknown_config_values_name_the_allowed_ones():
         build_agent("agent.planning.candidates=-1")
     with pytest.raises(BAD_CONFIG, match="motion_stat.*rms, median"):
         build_agent("agent.high.motion_stat=mean")
+    with pytest.raises(BAD_CONFIG, match="goal_spread.*std, iqr"):
+        build_agent("agent.low.goal_spread=mad")
 
 
 def test_her_goals_are_target_encodings_of_later_observations_of_the_same_episode():
@@ -364,6 +366,26 @@ def test_median_motion_ignores_rare_huge_windows():
         agent.record_motion(start, end)
         assert float(agent.k_step_motion) == pytest.approx(expected, rel=1e-4), stat
     assert expected * 10 < ((24 * 0.01 ** 2 + 1.0) / 25) ** 0.5  # the two differ by more than 10x
+
+
+def test_iqr_goal_spread_keeps_typical_goal_rewards_at_unit_scale_under_a_heavy_tail():
+    """low.goal_spread=iqr: 2% of goal distances 300x the rest (CarRacing's zoom windows) set the std,
+    which shrinks typical normalised goal rewards far below the env reward's unit scale; the
+    interquartile spread keeps them near 1 and the tail is clipped at goal_clip."""
+    torch.manual_seed(0)
+    goal_r = -torch.rand(500) * 0.002  # typical distances, uniform in [0, 0.002]
+    goal_r[:10] = -0.3
+    env_r = torch.randn(500)
+    scaled = {}
+    for spread in ("std", "iqr"):
+        agent, _ = build_agent(f"agent.low.goal_spread={spread}", "agent.low.goal_clip=10",
+                               "agent.low.extrinsic_weight=0")
+        scaled[spread] = agent.worker_reward(goal_r, env_r)
+    typical = slice(10, None)
+    assert scaled["std"][typical].std() < 0.05  # the tail's std drowns the typical rewards
+    assert 0.5 < scaled["iqr"][typical].std() < 2.0
+    assert torch.allclose(scaled["iqr"][:10], torch.full((10,), -10.0))  # clipped tail
+    assert scaled["std"][:10].min() > -10  # std: no clipping
 
 
 def test_f_multistep_loss_uses_the_real_actions_and_stops_at_episode_ends():
