@@ -119,6 +119,8 @@ def test_unknown_config_values_name_the_allowed_ones():
         build_agent("agent.planning.candidates=-1")
     with pytest.raises(BAD_CONFIG, match="motion_stat.*rms, median"):
         build_agent("agent.high.motion_stat=mean")
+    with pytest.raises(BAD_CONFIG, match="goal_input.*absolute, offset"):
+        build_agent("agent.low.goal_input=relative")
     with pytest.raises(BAD_CONFIG, match="goal_spread.*std, iqr"):
         build_agent("agent.low.goal_spread=mad")
 
@@ -386,6 +388,34 @@ def test_iqr_goal_spread_keeps_typical_goal_rewards_at_unit_scale_under_a_heavy_
     assert 0.5 < scaled["iqr"][typical].std() < 2.0
     assert torch.allclose(scaled["iqr"][:10], torch.full((10,), -10.0))  # clipped tail
     assert scaled["std"][:10].min() > -10  # std: no clipping
+
+
+def test_offset_goal_input_is_the_goal_minus_the_states_ema_latent_in_goal_scale_units():
+    """low.goal_input=offset: the worker reads (g - E_ema(s)) / goal_scale, the manager's action u at
+    a window's start; acting and training feed it the same input for the same (s, g)."""
+    agent, env = build_agent("agent.low.goal_input=offset", "agent.high.scale_rate=0.5")
+    collect(agent, env, 60)
+    agent.update(60)  # measures the k-step motion: goal_scale is no longer the initial one
+    obs = env.reset(seed=3)[0]
+    agent.begin_episode(False)
+    seen = []
+    real_act = agent.low.act
+    agent.low.act = lambda x, explore: (seen.append(x.clone()), real_act(x, explore))[1]
+    agent.act(obs, explore=False)
+    s = agent.state[False]
+    h, _ = agent.goal_encoder(agent.obs_tensor(obs))
+    z = agent.target_goals(agent.obs_tensor(obs))[1]
+    goal = torch.as_tensor(s["goal"]).unsqueeze(0)
+    offset = seen[-1][0, h.shape[-1]:]
+    assert torch.allclose(offset, ((goal - z) / agent.goal_scale)[0], atol=1e-5)
+    u = torch.as_tensor(s["action"])  # the manager's action of this window
+    if bool(((z + agent.goal_scale * u).abs() < 1).all()):  # no clipping: the offset is u itself
+        assert torch.allclose(offset, u.reshape(-1), atol=1e-4)
+    assert torch.allclose(seen[-1], agent.worker_input(h, goal, z))  # the same function trains the critic
+    absolute, _ = build_agent()
+    assert torch.equal(absolute.worker_input(h, goal, None), torch.cat([h, goal], -1))
+    with pytest.raises(BAD_CONFIG, match="goal_input=offset"):
+        build_agent("agent.low.goal_input=offset", "agent.planning.method=graph", env="pointmaze")
 
 
 def test_f_multistep_loss_uses_the_real_actions_and_stops_at_episode_ends():

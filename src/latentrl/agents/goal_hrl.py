@@ -77,6 +77,8 @@ CORRECTIONS = ("hac", "none")
 GOAL_SPACES = ("relative", "absolute")
 MOTION_STATS = ("rms", "median")
 GOAL_SPREADS = ("std", "iqr")
+GOAL_INPUTS = ("absolute", "offset")
+OFFSET_CLIP = 10.0  # low.goal_input=offset: bound of the worker's goal offset, in goal_scale units
 PLAN_METHODS = ("sample", "cem", "graph")
 GRAPH_DEFAULTS = {"n_landmarks": 100, "sample_size": 2000, "rebuild_every": 2000, "max_edge_steps": 20.0,
                   "fit_pairs": 2048, "fit_horizon": None, "steps": "fit"}
@@ -271,6 +273,11 @@ class GoalHRL(Agent):
         # is then clipped to +-goal_clip): on CarRacing 1% of goal distances (episode-start zoom) are
         # ~300x the median and set the std, shrinking every typical goal reward ~50x below the track's
         self.goal_spread = low.get("goal_spread", "std")
+        # what the worker reads beside its features: the goal itself (absolute), or its offset from
+        # the state's own EMA latent in goal_scale units (offset, HIRO's relative goal: at a window's
+        # start it is the manager's action u; a goal one window's travel away differs from the state's
+        # latent by ~0.02 per dim on CarRacing, which the absolute input hides beside features of ~1)
+        self.goal_input = low.get("goal_input", "absolute")
         self.goal_clip = float(low.get("goal_clip", 10.0))
         # reward=reach (SoRB/DHRL): -1 per step until E(s') lies within reach_radius x the k-step latent
         # motion (RMS per dim) of the goal, which ends the goal's episode: the value then counts steps
@@ -362,6 +369,12 @@ class GoalHRL(Agent):
         if correction not in CORRECTIONS:
             raise ConfigError(f"agent.high.correction={correction!r} is unknown: "
                               f"set it to one of {', '.join(CORRECTIONS)}")
+        if low.get("goal_input", "absolute") not in GOAL_INPUTS:
+            raise ConfigError(f"agent.low.goal_input={low.get('goal_input')!r} is unknown: "
+                              f"set it to one of {', '.join(GOAL_INPUTS)}")
+        if low.get("goal_input", "absolute") == "offset" and planning.get("method", "sample") == "graph":
+            raise ConfigError("agent.low.goal_input=offset is not supported with agent.planning.method=graph "
+                              "(its edge values read the worker on landmark goals): use goal_input=absolute")
         if low.get("goal_spread", "std") not in GOAL_SPREADS:
             raise ConfigError(f"agent.low.goal_spread={low.get('goal_spread')!r} is unknown: "
                               f"set it to one of {', '.join(GOAL_SPREADS)}")
@@ -498,13 +511,22 @@ class GoalHRL(Agent):
     def act(self, obs: np.ndarray, explore: bool) -> np.ndarray:
         s = self.state[explore]
         h, g = self.goal_encoder(self.obs_tensor(obs))
-        if self._new_window(explore):
-            g_start = self.target_goals(self.obs_tensor(obs))[1]
-            u, goal = self.choose_goal(h, g, g_start, explore, obs=obs)
-            self._open_window(explore, g_start, u, goal)
+        new_window = self._new_window(explore)
+        z = self.target_goals(self.obs_tensor(obs))[1] if new_window or self.goal_input == "offset" else None
+        if new_window:
+            u, goal = self.choose_goal(h, g, z, explore, obs=obs)
+            self._open_window(explore, z, u, goal)
         s["t"] += 1
         goal = torch.as_tensor(s["goal"], device=self.device).unsqueeze(0)
-        return self.low.act(torch.cat([h, goal], -1), explore)[0].cpu().numpy()
+        return self.low.act(self.worker_input(h, goal, z), explore)[0].cpu().numpy()
+
+    def worker_input(self, h: torch.Tensor, goal: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        """The worker's actor and critic input: features h and the goal (low.goal_input=absolute), or
+        the goal's offset from z, the state's EMA latent, in goal_scale units (offset), clipped to
+        +-OFFSET_CLIP units (an episode-start zoom moves the latent ~10x a goal's reach)."""
+        if self.goal_input == "offset":
+            goal = ((goal - z) / self.goal_scale).clamp(-OFFSET_CLIP, OFFSET_CLIP)
+        return torch.cat([h, goal], -1)
 
     @torch.no_grad()
     def plan_distances(self, h: torch.Tensor, g: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -513,7 +535,7 @@ class GoalHRL(Agent):
         n = len(candidates)
         h, g = h.expand(n, -1), g.expand(n, -1)
         for _ in range(self.k):
-            a = self.low.act(torch.cat([h, candidates], -1), explore=False)
+            a = self.low.act(self.worker_input(h, candidates, g), explore=False)
             g, h = self.f(g, h, a)
         return goal_distance(g, candidates)
 
@@ -998,8 +1020,11 @@ class GoalHRL(Agent):
         ends = b["terminated"]  # reward=reach: reaching the goal also ends its episode (no bootstrap)
         if self.reward_type == "reach":
             ends = torch.maximum(ends, self.goal_reached(g_next_t, goal).float())
-        low_loss, low_info = self.low.critic_loss(torch.cat([h, goal], -1), b["action"], reward,
-                                                  torch.cat([h_next_t, goal], -1), self.low.gamma * (1.0 - ends))
+        z_t = self.target_goals(b["obs"])[1] if self.goal_input == "offset" else None
+        low_in = self.worker_input(h, goal, z_t)
+        low_loss, low_info = self.low.critic_loss(low_in, b["action"], reward,
+                                                  self.worker_input(h_next_t, goal, g_next_t),
+                                                  self.low.gamma * (1.0 - ends))
         f_loss, f_info = self.f_rollout_loss(b["idx"], h, g, h_next_t, g_next_t)
         metrics.update(f_info)
         nr = min(self.recon_batch, len(g))
@@ -1046,7 +1071,7 @@ class GoalHRL(Agent):
         self.model_opt.step()
 
         if self.num_updates % self.actor_update_every == 0:
-            metrics.update(_prefixed(self.low.update_actor_and_alpha(torch.cat([h.detach(), goal], -1)), "low"))
+            metrics.update(_prefixed(self.low.update_actor_and_alpha(low_in.detach()), "low"))
             if do_high:
                 metrics.update(_prefixed(self.high.update_actor_and_alpha(h_hi.detach()), "high"))
         self.low.update_target()
