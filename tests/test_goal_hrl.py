@@ -744,3 +744,40 @@ def test_learns_pendulum(tmp_path):
     chance = np.mean([m["goal/relative_success_mirror"] for m in rows])
     assert success > chance + 0.15, (success, chance)
     assert np.mean([m["goal/progress"] for m in rows]) > 0
+
+
+# ----------------------------------------------------------------------------- scripts/goal_probe.py
+def test_goal_probe_reads_goal_sensitivity_and_a_heavy_tailed_motion():
+    """The probe's goal sensitivity is 0 for a worker blind to its goal (goal columns of its first
+    layer zeroed) and > 0 otherwise; the real k-step motion is reported by position in the episode."""
+    from test_evaluate_plot import load_script
+
+    goal_probe = load_script("goal_probe")
+    agent, env = build_agent("agent.low.goal_input=offset", "env.max_episode_steps=50")
+    collect(agent, env, 200)
+    agent.update(200)
+    seeing = goal_probe.probe(agent, n_states=32, n_goals=8)
+    assert seeing["goal_sensitivity"] > 1e-3
+    first = agent.low.actor.net[0]
+    with torch.no_grad():
+        first.weight[:, -agent.goal_dim:] = 0.0  # the worker's input ends with the goal offset
+    blind = goal_probe.probe(agent, n_states=32, n_goals=8)
+    assert blind["goal_sensitivity"] < 1e-9
+    spans = blind["replay_k_step_msq_by_position"]
+    assert sum(v["n"] for v in spans.values()) == blind["states"] and "windows 0-0" in spans
+    assert blind["goal_distance_batch"]["p99"] >= blind["goal_distance_batch"]["median"]
+
+
+def test_goal_probe_cli_writes_json_and_refuses_other_agents(tmp_path, capsys):
+    from test_evaluate_plot import load_script
+
+    goal_probe = load_script("goal_probe")
+    base = [*TINY, "env=pendulum", "threads=1", "trainer.total_steps=250"]
+    train_run([*base, "agent=goal_hrl", *FAST], tmp_path / "g")
+    assert goal_probe.main([str(tmp_path / "g"), "--states", "16", "--goals", "4"]) == 0
+    result = json.loads((tmp_path / "g" / "goal_probe.json").read_text())
+    assert result["states"] == 16 and len(result["action_var_across_goals"]) == 1
+    train_run([*base, "agent=sac"], tmp_path / "s")
+    assert goal_probe.main([str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "agent=goal_hrl" in err[0]
