@@ -6,7 +6,8 @@ Two SAC levels share one observation encoder:
   reconstruction (RIG-style autoencoder: MLP decoder for vectors, deconv decoder for pixels) and
   by the prediction loss of the goal transition model; an EMA copy of it gives rewards, HER goals
   and model targets so they do not chase themselves;
-- a **low level** pi(a|s,g), Q(s,a,g) (SACCore over [h(s), g]) rewarded for reaching the goal:
+- a **low level** pi(a|s,g), Q(s,a,g) (SACCore over [h(s), g], or with `low.goal_input=offset` over
+  [h(s), (g - E(s)) / goal_scale], HIRO's relative goal) rewarded for reaching the goal:
   r = -||E(s')-g||^2 / d, cos(E(s'), g) (Director), an InfoNCE critic's similarity, or reach (SoRB:
   -1 per step until E(s') is within a radius of g, which ends the goal's episode, so the value
   counts steps, as graph planning reads it); trained on
