@@ -106,23 +106,19 @@ def test_contrastive_reward_learns_to_score_matching_pairs():
     assert matched > 0.8 and matched > shuffled + 0.5
 
 
-def test_unknown_config_values_name_the_allowed_ones():
-    with pytest.raises(BAD_CONFIG, match="distance, cosine, contrastive"):
-        build_agent("agent.reward=euclid")
-    with pytest.raises(BAD_CONFIG, match="hac, none"):
-        build_agent("agent.high.correction=hiro2")
-    with pytest.raises(BAD_CONFIG, match="relative, absolute"):
-        build_agent("agent.high.goal_space=polar")
-    with pytest.raises(BAD_CONFIG, match="relabel_fraction"):
-        build_agent("agent.low.relabel_fraction=1.5")
-    with pytest.raises(BAD_CONFIG, match="candidates"):
-        build_agent("agent.planning.candidates=-1")
-    with pytest.raises(BAD_CONFIG, match="motion_stat.*rms, median"):
-        build_agent("agent.high.motion_stat=mean")
-    with pytest.raises(BAD_CONFIG, match="goal_input.*absolute, offset"):
-        build_agent("agent.low.goal_input=relative")
-    with pytest.raises(BAD_CONFIG, match="goal_spread.*std, iqr"):
-        build_agent("agent.low.goal_spread=mad")
+@pytest.mark.parametrize("override, match", [
+    ("agent.reward=euclid", "distance, cosine, contrastive"),
+    ("agent.high.correction=hiro2", "hac, none"),
+    ("agent.high.goal_space=polar", "relative, absolute"),
+    ("agent.low.relabel_fraction=1.5", "relabel_fraction"),
+    ("agent.planning.candidates=-1", "candidates"),
+    ("agent.high.motion_stat=mean", "motion_stat.*rms, median"),
+    ("agent.low.goal_input=relative", "goal_input.*absolute, offset"),
+    ("agent.low.goal_spread=mad", "goal_spread.*std, iqr"),
+])
+def test_unknown_config_values_name_the_allowed_ones(override, match):
+    with pytest.raises(BAD_CONFIG, match=match):
+        build_agent(override)
 
 
 def test_her_goals_are_target_encodings_of_later_observations_of_the_same_episode():

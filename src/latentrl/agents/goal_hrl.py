@@ -366,28 +366,18 @@ class GoalHRL(Agent):
         if float(model.get("inverse_weight", 0.0)) < 0:
             raise ConfigError(f"agent.model.inverse_weight must be >= 0 (0 turns the inverse dynamics loss off), "
                               f"got {model.get('inverse_weight')}")
-        correction = high.get("correction", "hac")
-        if correction not in CORRECTIONS:
-            raise ConfigError(f"agent.high.correction={correction!r} is unknown: "
-                              f"set it to one of {', '.join(CORRECTIONS)}")
-        if low.get("goal_input", "absolute") not in GOAL_INPUTS:
-            raise ConfigError(f"agent.low.goal_input={low.get('goal_input')!r} is unknown: "
-                              f"set it to one of {', '.join(GOAL_INPUTS)}")
+        for key, value, allowed in (("high.correction", high.get("correction", "hac"), CORRECTIONS),
+                                    ("high.goal_space", high.get("goal_space", "relative"), GOAL_SPACES),
+                                    ("high.motion_stat", high.get("motion_stat", "rms"), MOTION_STATS),
+                                    ("low.goal_input", low.get("goal_input", "absolute"), GOAL_INPUTS),
+                                    ("low.goal_spread", low.get("goal_spread", "std"), GOAL_SPREADS)):
+            if value not in allowed:
+                raise ConfigError(f"agent.{key}={value!r} is unknown: set it to one of {', '.join(allowed)}")
         if low.get("goal_input", "absolute") == "offset" and planning.get("method", "sample") == "graph":
             raise ConfigError("agent.low.goal_input=offset is not supported with agent.planning.method=graph "
                               "(its edge values read the worker on landmark goals): use goal_input=absolute")
-        if low.get("goal_spread", "std") not in GOAL_SPREADS:
-            raise ConfigError(f"agent.low.goal_spread={low.get('goal_spread')!r} is unknown: "
-                              f"set it to one of {', '.join(GOAL_SPREADS)}")
         if float(low.get("goal_clip", 10.0)) <= 0:
             raise ConfigError(f"agent.low.goal_clip must be > 0 (in goal-reward spreads), got {low.get('goal_clip')}")
-        if high.get("motion_stat", "rms") not in MOTION_STATS:
-            raise ConfigError(f"agent.high.motion_stat={high.get('motion_stat')!r} is unknown: "
-                              f"set it to one of {', '.join(MOTION_STATS)}")
-        goal_space = high.get("goal_space", "relative")
-        if goal_space not in GOAL_SPACES:
-            raise ConfigError(f"agent.high.goal_space={goal_space!r} is unknown: "
-                              f"set it to one of {', '.join(GOAL_SPACES)}")
         for key, value in (("low.relabel_fraction", low.get("relabel_fraction", 0.5)),
                            ("high.relabel_fraction", high.get("relabel_fraction", 0.5)),
                            ("high.task_relabel_fraction", high.get("task_relabel_fraction", 0.5))):
