@@ -256,6 +256,18 @@ def test_normalized_miss_penalty_counts_motions_and_prices_in_reward_spreads():
     assert torch.equal(agent.miss_cost(missed, 2.0), 2.0 * missed)
 
 
+def test_miss_clip_bounds_the_normalised_miss_cost():
+    """high.miss_clip: a miss counts at most that many k-step motions^2, so one huge window (CarRacing's
+    episode-start zoom) costs a few spreads, not ~100; misses below the bound are priced as before."""
+    agent, env = build_agent("agent.high.normalize_penalty=true", "agent.high.miss_clip=4.0")
+    agent.motion.update(torch.tensor(0.1))
+    agent.window_reward_spread.update(torch.tensor(5.0))
+    missed = torch.tensor([0.01, 0.03, 0.04, 0.05, 10.0])  # 1, 3, 4, 5 and 1000 motions^2
+    assert torch.allclose(agent.miss_cost(missed, 2.0), torch.tensor([10.0, 30.0, 40.0, 40.0, 40.0]), rtol=1e-4)
+    agent.miss_clip = None
+    assert float(agent.miss_cost(missed, 2.0)[-1]) > 9e3  # unbounded without it: 1000 motions^2
+
+
 def test_manager_discount_is_per_step_consistent():
     agent, _ = build_agent("agent.k=5", "agent.low.gamma=0.9")
     assert agent.high_gamma == 0.9  # default: the worker's per-step discount

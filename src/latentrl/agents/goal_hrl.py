@@ -294,6 +294,10 @@ class GoalHRL(Agent):
         # normalize_penalty: a miss is counted in k-step motions and priced in spreads of the window
         # reward (raw, a miss of ~0.03 is ~0.1% of a CarRacing window's track reward: goals go unpriced)
         self.normalize_penalty = bool(high.get("normalize_penalty", False))
+        # miss_clip: bound of a normalised miss in k-step motions^2 (CarRacing's episode-start zoom
+        # windows miss by ~100 typical travels and set the mean cost at 70-145 window-reward spreads)
+        miss_clip = high.get("miss_clip")
+        self.miss_clip = None if miss_clip is None else float(miss_clip)
         self.window_reward_spread = RunningMean()
         self.high_batch = int(high.get("batch_size", self.batch_size))
         self.high_update_every = int(high.get("update_every", 1))
@@ -986,12 +990,17 @@ class GoalHRL(Agent):
         """What missing a goal by `missed` (mean squared per dim) costs the manager: weight x missed;
         with high.normalize_penalty, weight x (missed / k-step motion^2) x the running spread (std)
         of the window reward, so weight=1 prices a miss of one typical window's travel at one
-        standard deviation of the manager's reward, whatever the encoder's and the env's scales."""
+        standard deviation of the manager's reward, whatever the encoder's and the env's scales;
+        high.miss_clip bounds the count of motions, so a goal missed altogether costs a few spreads
+        (as goal_clip bounds the worker's goal reward), not the tail of the rarest windows."""
         if not self.normalize_penalty:
             return weight * missed
         motion = self.k_step_motion if self.motion.ready else self.init_goal_scale / self.scale_motion_mult
         spread = self.window_reward_spread.value if self.window_reward_spread.ready else 1.0
-        return weight * spread * missed / (motion ** 2 + 1e-8)
+        misses = missed / (motion ** 2 + 1e-8)
+        if self.miss_clip is not None:
+            misses = misses.clamp(max=self.miss_clip)
+        return weight * spread * misses
 
     def update(self, step: int) -> dict:
         metrics: dict = {}
