@@ -10,7 +10,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 from conftest import TINY, compose_cfg, train_run
-from latentrl.agents.goal_hrl import ContrastiveReward, cosine_reward, distance_reward
+from latentrl.agents.goal_hrl import ContrastiveReward, cosine_reward, direction_reward, distance_reward
 from latentrl.config import ConfigError
 from latentrl.envs import make_env
 
@@ -84,6 +84,48 @@ def test_distance_and_cosine_rewards():
     goal = torch.tensor([[1.0, 0.0], [0.0, -2.0]])
     assert torch.allclose(distance_reward(achieved, goal), torch.tensor([0.0, -8.0]))  # -||.||^2 / d
     assert torch.allclose(cosine_reward(achieved, goal), torch.tensor([1.0, -1.0]))
+
+
+def test_direction_reward_pays_aim_not_size_and_does_not_tax_motion():
+    """reward=direction: cos(E(s') - E(s), g - E(s)). A step at the goal earns 1 whatever its size; steps
+    the worker cannot aim (isotropic) earn ~0 on average, while the distance reward's average falls with
+    their size, which pays a worker to stand still when moving (driving) shakes the latent."""
+    start, goal = torch.zeros(3, 2), torch.tensor([[1.0, 0.0]] * 3)
+    achieved = torch.tensor([[1e-3, 0.0], [0.0, 5.0], [-2.0, 0.0]])  # tiny step at it, orthogonal, away
+    assert torch.allclose(direction_reward(start, achieved, goal), torch.tensor([1.0, 0.0, -1.0]), atol=1e-5)
+    torch.manual_seed(0)
+    start, goal = torch.zeros(20000, 8), 0.1 * torch.randn(20000, 8)
+    for size in (0.01, 1.0):
+        achieved = start + size * torch.randn(20000, 8)
+        assert abs(float(direction_reward(start, achieved, goal).mean())) < 0.02
+    small, large = (float(distance_reward(start + s * torch.randn(20000, 8), goal).mean()) for s in (0.01, 1.0))
+    assert large < small - 0.5  # the distance reward taxes the same aimless motion
+
+
+def test_direction_reward_in_update_measures_the_step_from_the_ema_latent_of_s():
+    agent, env = build_agent("agent.reward=direction")
+    collect(agent, env, 60)
+    seen = {}
+    orig_sample, orig_reward = agent.sample_low, agent.goal_reward
+
+    def sample_low():
+        seen["batch"] = orig_sample()
+        return seen["batch"]
+
+    def goal_reward(achieved, goal, start=None):  # called before any optimiser step of this update
+        with torch.no_grad():
+            seen["expected_start"] = agent.target_goals(seen["batch"]["obs"])[1]
+            seen["expected_achieved"] = agent.target_goals(seen["batch"]["next_obs"])[1]
+        seen["args"] = (achieved, goal, start)
+        return orig_reward(achieved, goal, start)
+
+    agent.sample_low, agent.goal_reward = sample_low, goal_reward
+    agent.update(100)
+    achieved, goal, start = seen["args"]
+    assert start is not None
+    assert torch.allclose(start, seen["expected_start"])  # E_ema(s), not the online encoder, not s'
+    assert torch.allclose(achieved, seen["expected_achieved"])
+    assert not torch.allclose(start, achieved)
 
 
 def test_contrastive_reward_learns_to_score_matching_pairs():
@@ -681,7 +723,7 @@ def _metrics(run_dir):
     return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
 
 
-@pytest.mark.parametrize("reward", ["distance", "contrastive"])
+@pytest.mark.parametrize("reward", ["distance", "direction", "contrastive"])
 def test_smoke_pendulum(tmp_path, reward):
     ret = train_run(["agent=goal_hrl", "env=pendulum", *FAST, f"agent.reward={reward}", *TINY,
                      "trainer.total_steps=160", "trainer.warmup_steps=60", "trainer.log_every=40"], tmp_path)

@@ -73,7 +73,7 @@ from latentrl.envs.goal import (GoalFunctions, describe_space, is_goal_space, ma
                                 vector_input)
 from latentrl.envs.maze import MazeLayout
 
-REWARDS = ("distance", "cosine", "contrastive", "reach")
+REWARDS = ("distance", "cosine", "direction", "contrastive", "reach")
 CORRECTIONS = ("hac", "none")
 GOAL_SPACES = ("relative", "absolute")
 MOTION_STATS = ("rms", "median")
@@ -106,6 +106,15 @@ def distance_reward(achieved: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
 def cosine_reward(achieved: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
     """Director's worker reward: direction matters, scale does not."""
     return F.cosine_similarity(achieved, goal, dim=-1, eps=1e-6)
+
+
+def direction_reward(start: torch.Tensor, achieved: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+    """Cosine between the step's latent motion (achieved - start) and the way to the goal (goal - start):
+    +1 for a step straight at the goal, whatever its size. Unlike -||achieved - goal||^2, whose expectation
+    under motion the worker cannot aim falls by the motion's squared size, it does not tax moving: on
+    CarRacing a step that gains a track tile moves the latent ~1000x a median step, so the distance reward
+    paid the worker to stand still."""
+    return F.cosine_similarity(achieved - start, goal - start, dim=-1, eps=1e-8)
 
 
 class ContrastiveReward(nn.Module):
@@ -823,7 +832,11 @@ class GoalHRL(Agent):
         motion = self.k_step_motion if self.motion.ready else self.init_goal_scale / self.scale_motion_mult
         return goal_distance(achieved, goal) < (self.reach_radius * motion) ** 2
 
-    def goal_reward(self, achieved: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+    def goal_reward(self, achieved: torch.Tensor, goal: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+        """The worker's goal reward for reaching `achieved` (EMA latent of s'); reward=direction also
+        needs `start`, the EMA latent of s."""
+        if self.reward_type == "direction":
+            return direction_reward(start, achieved, goal)
         if self.reward_type == "reach":
             return self.goal_reached(achieved, goal).float() - 1.0
         if self.reward_type == "distance":
@@ -1016,11 +1029,11 @@ class GoalHRL(Agent):
         h, g = self.goal_encoder(obs_in)
         h_next_t, g_next_t = self.target_goals(b["next_obs"])
         goal = b["goal"]
-        reward = self.worker_reward(self.goal_reward(g_next_t, goal), b["reward"])
+        z_t = self.target_goals(b["obs"])[1] if self.goal_input == "offset" or self.reward_type == "direction" else None
+        reward = self.worker_reward(self.goal_reward(g_next_t, goal, z_t), b["reward"])
         ends = b["terminated"]  # reward=reach: reaching the goal also ends its episode (no bootstrap)
         if self.reward_type == "reach":
             ends = torch.maximum(ends, self.goal_reached(g_next_t, goal).float())
-        z_t = self.target_goals(b["obs"])[1] if self.goal_input == "offset" else None
         low_in = self.worker_input(h, goal, z_t)
         low_loss, low_info = self.low.critic_loss(low_in, b["action"], reward,
                                                   self.worker_input(h_next_t, goal, g_next_t),
