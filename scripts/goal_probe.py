@@ -12,7 +12,11 @@ states (the checkpoint's buffers.pt) it measures:
 - f's predicted relative success of the worker on those goals (the window metric, in f's rollouts);
 - the k-step latent motion in replay by position in the episode (a heavy tail, such as CarRacing's
   episode-start zoom, sets a mean-based goal reach and reward spread);
-- the goal reward's distances in a worker batch: median, 99th percentile, std.
+- the goal reward's distances in a worker batch: median, 99th percentile, std;
+- the worker's steps in that batch: how well they aim at their goals (cosine of E(s') - E(s) with
+  g - E(s)), the distance reward's progress for small and large steps (a negative progress for large
+  steps means the distance reward taxes moving), and how much more the latent moves on the steps the
+  env pays most for (CarRacing: a tile gained moves it ~1000x a median step).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate import locate  # noqa: E402  (the run/checkpoint loader evaluate.py uses)
@@ -51,6 +56,21 @@ def load(path: Path) -> GoalHRL:
     for name, buf in agent.buffers().items():
         buf.load_state_dict(saved["buffers"][name])
     return agent
+
+
+def step_stats(z: torch.Tensor, z_next: torch.Tensor, goal: torch.Tensor, env_reward: torch.Tensor) -> dict:
+    """Worker steps s -> s' under goal g, from EMA latents: aim (cosine of the step with g - z), the
+    distance reward's progress ||z - g||^2 - ||z' - g||^2 for steps below the median size and in the
+    top quartile, and the median step size where the env reward is in its top quartile / overall."""
+    step, way = z_next - z, goal - z
+    cos = F.cosine_similarity(step, way, dim=-1, eps=1e-8)
+    msq = step.pow(2).mean(-1)
+    progress = goal_distance(z, goal) - goal_distance(z_next, goal)
+    small, large = msq <= msq.median(), msq >= msq.quantile(0.75)
+    paid = env_reward.reshape(-1) >= env_reward.reshape(-1).quantile(0.75)
+    return {"cos_to_goal": float(cos.mean()), "msq_median": float(msq.median()),
+            "progress_small_steps": float(progress[small].mean()), "progress_large_steps": float(progress[large].mean()),
+            "msq_paid_over_median": float(msq[paid].median() / msq.median().clamp_min(1e-12))}
 
 
 @torch.no_grad()
@@ -106,7 +126,8 @@ def probe(agent: GoalHRL, n_states: int = 128, n_goals: int = 16, seed: int = 0)
 
     # the goal reward's distances in a worker batch (stored and relabeled goals as trained)
     b = agent.sample_low()
-    dist = goal_distance(agent.target_goals(b["next_obs"])[1], b["goal"])
+    z_b, z_b_next = agent.target_goals(b["obs"])[1], agent.target_goals(b["next_obs"])[1]
+    dist = goal_distance(z_b_next, b["goal"])
     return {
         "states": n, "goals_per_state": n_goals, "goal_dim": d, "k": k,
         "k_step_motion": motion, "goal_scale": float(agent.goal_scale),
@@ -122,6 +143,7 @@ def probe(agent: GoalHRL, n_states: int = 128, n_goals: int = 16, seed: int = 0)
         "replay_k_step_msq_by_position": by_position,
         "goal_distance_batch": {"median": float(dist.median()), "p99": float(dist.quantile(0.99)),
                                 "std": float(dist.std())},
+        "worker_steps": step_stats(z_b, z_b_next, b["goal"], b["reward"]),
     }
 
 
@@ -140,6 +162,9 @@ def report(r: dict) -> str:
         lines.append(f"  {span}: n={v['n']}, mean {v['mean_msq']:.2e}, median {v['median_msq']:.2e}")
     lines.append("goal-reward distance in a worker batch: median {median:.2e}, p99 {p99:.2e}, std {std:.2e}".format(
         **r["goal_distance_batch"]))
+    lines.append("worker steps: cos to goal {cos_to_goal:.3f}; distance-reward progress small steps {progress_small_steps:.2e}, "
+                 "large steps {progress_large_steps:.2e}; step msq median {msq_median:.2e}, x{msq_paid_over_median:.1f} on the "
+                 "env's best-paid quarter".format(**r["worker_steps"]))
     return "\n".join(lines)
 
 

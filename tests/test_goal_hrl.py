@@ -818,6 +818,22 @@ def test_goal_probe_reads_goal_sensitivity_and_a_heavy_tailed_motion():
     assert blind["goal_distance_batch"]["p99"] >= blind["goal_distance_batch"]["median"]
 
 
+def test_goal_probe_step_stats_show_aim_and_the_distance_rewards_tax_on_large_aimless_steps():
+    from test_evaluate_plot import load_script
+
+    goal_probe = load_script("goal_probe")
+    torch.manual_seed(0)
+    n = 4000
+    z, goal = torch.zeros(n, 8), 0.1 * torch.randn(n, 8)
+    size = torch.where(torch.arange(n) < n // 2, 0.01, 1.0).unsqueeze(-1)  # half tiny, half large steps
+    aimless = goal_probe.step_stats(z, z + size * torch.randn(n, 8), goal, env_reward=size.squeeze(-1))
+    assert abs(aimless["cos_to_goal"]) < 0.05
+    assert aimless["progress_large_steps"] < -0.5 < aimless["progress_small_steps"]  # moving is taxed
+    assert aimless["msq_paid_over_median"] > 100  # the env pays the large steps
+    aimed = goal_probe.step_stats(z, z + 0.5 * goal, goal, env_reward=torch.zeros(n))
+    assert aimed["cos_to_goal"] == pytest.approx(1.0, abs=1e-4) and aimed["progress_large_steps"] > 0
+
+
 def test_goal_probe_cli_writes_json_and_refuses_other_agents(tmp_path, capsys):
     from test_evaluate_plot import load_script
 
@@ -827,6 +843,7 @@ def test_goal_probe_cli_writes_json_and_refuses_other_agents(tmp_path, capsys):
     assert goal_probe.main([str(tmp_path / "g"), "--states", "16", "--goals", "4"]) == 0
     result = json.loads((tmp_path / "g" / "goal_probe.json").read_text())
     assert result["states"] == 16 and len(result["action_var_across_goals"]) == 1
+    assert -1.0 <= result["worker_steps"]["cos_to_goal"] <= 1.0
     train_run([*base, "agent=sac"], tmp_path / "s")
     assert goal_probe.main([str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
