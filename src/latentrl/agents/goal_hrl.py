@@ -112,8 +112,8 @@ def direction_reward(start: torch.Tensor, achieved: torch.Tensor, goal: torch.Te
     """Cosine between the step's latent motion (achieved - start) and the way to the goal (goal - start):
     +1 for a step straight at the goal, whatever its size. Unlike -||achieved - goal||^2, whose expectation
     under motion the worker cannot aim falls by the motion's squared size, it does not tax moving: on
-    CarRacing a step that gains a track tile moves the latent ~1000x a median step, so the distance reward
-    paid the worker to stand still."""
+    CarRacing a step that gains a track tile moves the latent 3-9x a median step (median over such steps),
+    and the distance reward's progress on the largest quarter of steps is negative: it pays for standing still."""
     return F.cosine_similarity(achieved - start, goal - start, dim=-1, eps=1e-8)
 
 
