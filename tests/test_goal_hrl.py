@@ -149,7 +149,7 @@ def test_contrastive_reward_learns_to_score_matching_pairs():
 
 
 @pytest.mark.parametrize("override, match", [
-    ("agent.reward=euclid", "distance, cosine, contrastive"),
+    ("agent.reward=euclid", "distance, cosine, direction, contrastive, reach"),
     ("agent.high.correction=hiro2", "hac, none"),
     ("agent.high.goal_space=polar", "relative, absolute"),
     ("agent.low.relabel_fraction=1.5", "relabel_fraction"),
