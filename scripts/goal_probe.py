@@ -28,13 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate import locate  # noqa: E402  (the run/checkpoint loader evaluate.py uses)
 
 from latentrl import checkpoint as ckpt_io  # noqa: E402
-from latentrl.agents.goal_hrl import GoalHRL, goal_distance  # noqa: E402
+from latentrl.agents.goal_hrl import GoalHRL, direction_reward, goal_distance  # noqa: E402
 from latentrl.config import ConfigError  # noqa: E402
 from latentrl.envs import make_env  # noqa: E402
 from latentrl.trainer import build_agent  # noqa: E402
@@ -63,9 +62,8 @@ def step_stats(z: torch.Tensor, z_next: torch.Tensor, goal: torch.Tensor, env_re
     distance reward's progress ||z - g||^2 - ||z' - g||^2 for steps below the median size and in the
     top quartile, and the median step size where the env reward is above its median / overall (CarRacing:
     the steps that gain a tile; most steps pay the same -0.1 per frame). nan when no step pays more."""
-    step, way = z_next - z, goal - z
-    cos = F.cosine_similarity(step, way, dim=-1, eps=1e-8)
-    msq = step.pow(2).mean(-1)
+    cos = direction_reward(z, z_next, goal)  # reward=direction's own measure of aim
+    msq = goal_distance(z_next, z)
     progress = goal_distance(z, goal) - goal_distance(z_next, goal)
     small, large = msq <= msq.median(), msq >= msq.quantile(0.75)
     env_reward = env_reward.reshape(-1)
