@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 import latentrl  # noqa: F401  (registers the config resolvers used in conf/config.yaml)
 from latentrl.checkpoint import CheckpointError
-from latentrl.config import ConfigError, DivergenceError
+from latentrl.config import ConfigError, DivergenceError, resume_command
 from latentrl.train import run
 
 log = logging.getLogger("latentrl")
@@ -53,8 +53,8 @@ def run_sweep_job(cfg: DictConfig, hc) -> float | None:
                   type(e).__name__, e, run_dir / "FAILED", run_dir / f"{hc.job.name}.log")
         return None
     if result is None:  # stopped by SIGINT/SIGTERM: the user wants the sweep to stop, not the next job to start
-        log.warning("sweep stopped during job %d; its checkpoint is saved (python train.py resume=%s); "
-                    "later jobs were not started", hc.job.num, run_dir)
+        log.warning("sweep stopped during job %d; its checkpoint is saved (%s); "
+                    "later jobs were not started", hc.job.num, resume_command(run_dir))
         if os.environ.get(SWEEP_PID_VAR, str(os.getpid())) != str(os.getpid()):
             logging.shutdown()  # a worker process of a parallel sweep: end it, or its pool hands it the next job
             os._exit(0)

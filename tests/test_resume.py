@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -64,7 +65,7 @@ def test_resume_is_exact(tmp_path, overrides, total, half):
 
 
 def _train_proc(run_dir, *overrides):
-    return subprocess.Popen([sys.executable, "train.py", "env=pendulum", "agent=sac", f"hydra.run.dir={run_dir}", "threads=1",
+    return subprocess.Popen([sys.executable, "train.py", "env=pendulum", "agent=sac", f"hydra.run.dir='{run_dir}'", "threads=1",
                              *EXACT, *overrides], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
@@ -82,17 +83,20 @@ def _wait_for_step(run_dir, step, proc, timeout=120):
 
 
 def test_sigterm_saves_checkpoint_and_run_resumes(tmp_path):
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "0_agent.tau=0.005,seed=0"  # named like a sweep job: '=' and ',' are Hydra syntax
     proc = _train_proc(run_dir, "trainer.total_steps=100000")
     _wait_for_step(run_dir, 300, proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
-    assert "checkpoint saved" in out and "resume=" in out
+    assert "checkpoint saved" in out
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     stopped_at = state["counters"]["step"]
     assert stopped_at >= 300 and not (run_dir / "results.json").exists()
-    train_run([f"resume={run_dir}", f"trainer.total_steps={stopped_at + 150}"], tmp_path / "unused")
+    # the command the log prints works as written (Hydra would reject an unquoted 'resume=...=...,...')
+    command = shlex.split(out.split("Continue with: ", 1)[1].splitlines()[0])
+    assert command[:2] == ["python", "train.py"] and len(command) == 3
+    train_run([command[2], f"trainer.total_steps={stopped_at + 150}"], tmp_path / "unused")
     assert json.loads((run_dir / "results.json").read_text())["step"] == stopped_at + 150
 
 

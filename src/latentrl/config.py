@@ -4,7 +4,9 @@ and the OmegaConf resolvers the Hydra config uses (run directory naming)."""
 from __future__ import annotations
 
 import os
+import re
 import secrets
+import shlex
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -28,6 +30,18 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+def resume_command(run_dir) -> str:
+    """The shell command that continues run_dir, ready to paste: a sweep job's directory is named after
+    its overrides ('0_agent.k=5,seed=0'), and Hydra reads '=' or ',' in an unquoted value as syntax, so
+    such a path is quoted for Hydra ('...') inside quotes for the shell."""
+    value = str(run_dir)
+    if re.search(r"[=,\s'\"\[\](){}:]", value):
+        value = "'" + value.replace("'", "\\'") + "'"
+    arg = f"resume={value}"
+    return "python train.py " + (f'"{arg}"' if arg != shlex.quote(arg) and not re.search(r'[$`"\\!]', arg)
+                                 else shlex.quote(arg))
 
 
 def check_machine(cfg: DictConfig) -> None:

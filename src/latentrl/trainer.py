@@ -36,7 +36,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from latentrl import checkpoint as ckpt_io
-from latentrl.config import ConfigError, DivergenceError, to_plain, usable_cores
+from latentrl.config import ConfigError, DivergenceError, resume_command, to_plain, usable_cores
 from latentrl.envs import episode_seed, make_env
 from latentrl.envs.goal import GoalFunctions, describe_space, is_goal_space, map_obs, success_of
 from latentrl.envs.vector import TrainEnvs
@@ -268,8 +268,8 @@ class Trainer:
                     self.evaluate()
                 self._checkpoint()
                 if self.stop_requested:
-                    log.info("interrupted at step %d; checkpoint saved. Continue with: python train.py resume=%s",
-                             self.step, self.run_dir)
+                    log.info("interrupted at step %d; checkpoint saved. Continue with: %s",
+                             self.step, resume_command(self.run_dir))
                     return None
                 return self._write_results()
         except DivergenceError as e:
