@@ -186,6 +186,41 @@ def _children(pid):
     return children(pid)
 
 
+def test_stop_while_the_run_is_still_building_leaves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
+    """A sweep stopped as its next job starts: the signal lands while the envs are being built. The job
+    must not die with nothing to resume from: it stops before its first step with a step-0 checkpoint."""
+    import latentrl.trainer as trainer_module
+
+    build_envs = trainer_module.TrainEnvs
+
+    def envs_then_sigterm(*args, **kwargs):
+        envs = build_envs(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return envs
+
+    def unhandled(*_):  # what the signal would meet without the trainer's handler (by default: death)
+        raise AssertionError("SIGTERM arrived before the trainer handled it")
+
+    common = [*EXACT, "agent=sac", "trainer.checkpoint_every=0", "trainer.total_steps=300"]
+    monkeypatch.setattr(trainer_module, "TrainEnvs", envs_then_sigterm)
+    before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        assert train_run(common, tmp_path / "split") is None  # interrupted, not finished
+        assert signal.getsignal(signal.SIGTERM) is unhandled, "the trainer restores the handler it replaced"
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    monkeypatch.undo()
+    assert load_ckpt(tmp_path / "split/checkpoints/last.pt")["counters"]["step"] == 0
+    assert not (tmp_path / "split" / "results.json").exists()
+
+    train_run([f"resume={tmp_path / 'split'}"], tmp_path / "unused")
+    train_run(common, tmp_path / "straight")
+    straight = load_ckpt(tmp_path / "straight/checkpoints/last.pt")
+    resumed = load_ckpt(tmp_path / "split/checkpoints/last.pt")
+    for key, value in straight["agent"]["modules"].items():
+        assert torch.equal(value, resumed["agent"]["modules"][key]), key
+
+
 @pytest.mark.parametrize("n_jobs", [1, 2])
 def test_sigterm_stops_a_sweep_with_checkpoints_and_no_orphan_workers(tmp_path, n_jobs):
     """In-process (n_jobs=1) the interrupted job must end the sweep, not start the next one; with worker

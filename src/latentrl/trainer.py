@@ -196,8 +196,30 @@ class Running:
     length: int = 0
 
 
+def _as_before(signum: int, frame, handler) -> None:
+    """Handle signum in a forked child the way the handler it replaced would have (the default: the
+    signal's own action, e.g. SIGTERM ends the process; Python's: SIGINT raises KeyboardInterrupt)."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler != signal.SIG_IGN:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, resume: bool = False):
+        # SIGINT/SIGTERM are honoured from here on: a stop that lands while the envs, the agent or a
+        # checkpoint are still loading (a sweep stopped as its next job starts) ends train() at once
+        # with a checkpoint to resume from, instead of killing a job that leaves nothing behind
+        self.stop_requested, self._stop_time = False, 0.0
+        self._old_handlers = self._install_signal_handlers()
+        try:
+            self._build(cfg, run_dir, resume)
+        except BaseException:
+            self._restore_signal_handlers(self._old_handlers)
+            raise
+
+    def _build(self, cfg: DictConfig, run_dir: Path, resume: bool) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.t = cfg.trainer
         configure_threads(cfg.get("threads"))
@@ -235,7 +257,6 @@ class Trainer:
         self.obs: list | None = None  # each sub-env's current observation
         self.step_done = True  # the current step's updates, log and eval are done (False: resume them first)
         self.eval_pending = False  # an evaluation was interrupted by a stop request: redo it on resume
-        self.stop_requested = False
         self.last_saved_step: int | None = None  # step of the newest finite checkpoint on disk
         self.agent.should_stop = self.should_stop  # long loops inside agents poll this (see module docstring)
 
@@ -257,7 +278,8 @@ class Trainer:
         if self.obs is None:
             self.obs = [None] * self.num_envs
             self._reset_episodes(range(self.num_envs))
-        old_handlers = self._install_signal_handlers()
+        old_handlers = self._old_handlers if self._old_handlers is not None else self._install_signal_handlers()
+        self._old_handlers = None  # restored when this train() ends; a second train() installs its own
         self._session_start = time.time()
         bar = tqdm(total=self.t.total_steps, initial=self.step, disable=not self.t.progress, dynamic_ncols=True,
                    mininterval=1.0, unit="step")
@@ -556,7 +578,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ signals
     def _install_signal_handlers(self):
-        def request_stop(signum, _frame):
+        owner, old = os.getpid(), {}
+
+        def request_stop(signum, frame):
+            if os.getpid() != owner:  # a process forked while building (an async env's worker) inherited this
+                return _as_before(signum, frame, old.get(signum, signal.SIG_DFL))  # handler: act as it would have
             name = signal.Signals(signum).name
             if self.stop_requested and time.time() - self._stop_time < 1.0:
                 return  # the same stop twice (Ctrl-C reaches a sweep worker directly and through its parent)
@@ -567,7 +593,6 @@ class Trainer:
                         "(send it again to exit at once without saving)", name)
             self.stop_requested, self._stop_time = True, time.time()
 
-        old = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 old[sig] = signal.signal(sig, request_stop)

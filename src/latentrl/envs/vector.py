@@ -13,6 +13,8 @@ run with the same seeds."""
 
 from __future__ import annotations
 
+import os
+
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
@@ -46,9 +48,13 @@ def _sub_env(env_cfg: DictConfig, index: int, worker: bool):
     """Sub-env factory (pickled into async workers). A worker uses one torch thread: its only torch
     work is resizing frames, and N workers with several threads each would fight for the cores.
     It ignores SIGINT/SIGTERM (Ctrl-C and SLURM signal every process of the job): the trainer stops
-    at a safe point, checkpoints and closes it; a worker whose parent died exits on its closed pipe."""
+    at a safe point, checkpoints and closes it; a worker whose parent died exits on its closed pipe.
+    AsyncVectorEnv also calls the factory once in the trainer's own process (to read the spaces): there
+    the signals stay the trainer's."""
+    builder = os.getpid()
+
     def make():
-        if worker:
+        if worker and os.getpid() != builder:
             import signal
 
             import torch
