@@ -1,5 +1,6 @@
 """agent=goal_hrl: rewards, HER relabeling, high-level windows, planning, smoke runs, exact resume, learning."""
 
+import copy
 import json
 
 import numpy as np
@@ -330,6 +331,68 @@ def test_worker_reward_terms_are_normalised_by_their_running_spread():
     assert torch.allclose(r, 0.5 * goal_r / goal_r.std() + 2.0 * env_r / env_r.std(), rtol=1e-3, atol=1e-3)
     agent.low_normalize = False
     assert torch.allclose(agent.worker_reward(goal_r, env_r), 0.5 * goal_r + 2.0 * env_r)
+
+
+def test_goal_weight_is_zero_before_its_start_and_ramps_to_reward_scale():
+    agent, env = build_agent("agent.low.reward_scale=0.5", "agent.low.goal_weight_from=100",
+                             "agent.low.goal_weight_ramp=200")
+    assert [agent.goal_weight(s) for s in (0, 99, 100, 200, 300, 10_000)] == [0.0, 0.0, 0.0, 0.25, 0.5, 0.5]
+    gen = torch.Generator().manual_seed(0)
+    goal_r, env_r = torch.randn(64, generator=gen), torch.randn(64, generator=gen)
+    agent.low_extrinsic = 1.0
+    assert torch.allclose(agent.worker_reward(goal_r, env_r, agent.goal_weight(50)), env_r / env_r.std(), atol=1e-4)
+    collect(agent, env, 60)
+    assert agent.update(step=150)["goal/reward_weight"] == pytest.approx(0.125)
+    with pytest.raises(BAD_CONFIG, match="agent.low.goal_weight_from"):
+        build_agent("agent.low.goal_weight_ramp=-1")
+
+
+def test_split_critics_learn_env_and_goal_returns_apart_with_their_own_discounts():
+    """split_critics: the env critic's targets hold only the weighted env reward (discount low.gamma),
+    the goal critic's only the normalised goal reward (discount goal_gamma, default 1 - 1/k)."""
+    agent, env = build_agent("agent.low.split_critics=true", "agent.low.extrinsic_weight=2.0", "agent.k=5")
+    assert agent.goal_gamma == pytest.approx(0.8) and "low_goal_critic" in agent.optimizers
+    collect(agent, env, 60)
+    seen = {}
+    env_loss, goal_loss = agent.low.critic_loss, agent.goal_critic_loss
+    agent.low.critic_loss = lambda *a: seen.setdefault("env", a) and env_loss(*a)
+    agent.goal_critic_loss = lambda *a: seen.setdefault("goal", a) and goal_loss(*a)
+    goal_reward, sample = agent.goal_reward, agent.sample_low
+    agent.goal_reward = lambda *a: seen.setdefault("goal_r", goal_reward(*a))
+    agent.sample_low = lambda: seen.setdefault("batch", sample())
+    before = [p.clone() for p in agent.goal_critic.parameters()]
+    metrics = agent.update(step=100)
+    b, goal_r = seen["batch"], seen["goal_r"]
+    env_r = b["reward"] / (agent.env_reward_spread.value + 1e-6)  # one batch: the spread is its own std
+    assert torch.allclose(seen["env"][2], 2.0 * env_r)  # no goal term
+    assert torch.allclose(seen["goal"][2], goal_r / (agent.goal_reward_spread.value + 1e-6))  # no env term
+    assert torch.allclose(seen["env"][4], agent.low.gamma * (1 - b["terminated"]))
+    assert torch.allclose(seen["goal"][4], 0.8 * (1 - b["terminated"]))
+    assert torch.equal(seen["env"][0], seen["goal"][0]) and torch.equal(seen["env"][3], seen["goal"][3])
+    assert any(not torch.equal(p, q) for p, q in zip(before, agent.goal_critic.parameters()))
+    assert "loss/low_goal_critic" in metrics and metrics["train/low_goal_q_ratio"] > 0
+    for bad, match in [(["agent.low.extrinsic_weight=0"], "extrinsic_weight > 0"),
+                       (["agent.low.extrinsic_weight=1", "agent.reward=reach"], "reward=reach")]:
+        with pytest.raises(BAD_CONFIG, match=match):
+            build_agent("agent.low.split_critics=true", *bad)
+
+
+@pytest.mark.parametrize("goal_weight", [0.0, 0.5])
+def test_split_actor_adds_the_goal_critic_only_by_its_weight(goal_weight):
+    """At weight 0 the worker's actor takes exactly SAC's step on the env critic; at 0.5 it moves
+    toward the goal critic's actions too, Q_goal rescaled to Q_env's running magnitude."""
+    agent, env = build_agent("agent.low.split_critics=true", "agent.low.extrinsic_weight=1.0")
+    collect(agent, env, 60)
+    agent.update(step=100)
+    twin = copy.deepcopy(agent)
+    feat = torch.randn(32, agent.low.actor.net[0].in_features)
+    torch.manual_seed(1)
+    agent.update_split_actor(feat, goal_weight)
+    torch.manual_seed(1)
+    twin.low.update_actor_and_alpha(feat)
+    same = all(torch.equal(p, q) for p, q in zip(agent.low.actor.parameters(), twin.low.actor.parameters()))
+    assert same == (goal_weight == 0.0)
+    assert agent.env_q_scale.ready and agent.goal_q_scale.ready
 
 
 def test_manager_critic_gradient_into_the_encoder_is_balanced():
@@ -761,7 +824,10 @@ def _same_extra(a, b):
     return a == b
 
 
-@pytest.mark.parametrize("extra", [[], ["agent.model.inverse_weight=1.0"]], ids=["default", "inverse"])
+@pytest.mark.parametrize("extra", [[], ["agent.model.inverse_weight=1.0"],
+                                   ["agent.low.split_critics=true", "agent.low.extrinsic_weight=1.0",
+                                    "agent.low.goal_weight_from=80", "agent.low.goal_weight_ramp=50"]],
+                         ids=["default", "inverse", "split_critics"])
 def test_resume_is_exact(tmp_path, extra):
     exact = ["agent=goal_hrl", "env=pendulum", *FAST, "agent.k=7", "trainer.warmup_steps=60", "trainer.eval_every=0",
              "trainer.eval_episodes=1", "trainer.log_every=50", "trainer.checkpoint_every=0", "trainer.progress=false",
@@ -772,7 +838,8 @@ def test_resume_is_exact(tmp_path, extra):
     load = lambda d, f: torch.load(d / "checkpoints" / f, weights_only=True)  # noqa: E731
     a, b = load(tmp_path / "straight", "last.pt")["agent"], load(tmp_path / "split", "last.pt")["agent"]
     assert a["modules"].keys() == b["modules"].keys()
-    assert ("inverse.0.weight" in a["modules"]) == bool(extra)  # the inverse head is checkpointed when on
+    assert ("inverse.0.weight" in a["modules"]) == ("inverse" in str(extra))  # the inverse head is checkpointed when on
+    assert ("goal_critic_target.q.net.0.weight" in a["modules"]) == ("split" in str(extra))
     for key in a["modules"]:
         assert torch.equal(a["modules"][key], b["modules"][key]), key
     assert _same_extra(a["extra"], b["extra"]) and a["extra"]["state"]["goal"] is not None

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from latentrl.agents.base import Agent
 from latentrl.agents.landmarks import (LandmarkGraph, StepsFromValue, draw_plan, farthest_point_sampling, plan_route,
                                        rank_correlation, shortest_paths)
-from latentrl.agents.networks import PixelDecoder, mlp, random_shift, soft_update
+from latentrl.agents.networks import PixelDecoder, TwinCritic, mlp, random_shift, soft_update
 from latentrl.agents.sac import SACCore
 from latentrl.buffers import ReplayBuffer
 from latentrl.buffers.her import relabel_future
@@ -273,10 +273,37 @@ class GoalHRL(Agent):
                            float(cfg.get("init_temperature", 0.1)), cfg.get("target_entropy"))
 
         self.low = sac_core(low, feat_dim + d, n_act)
+        # split_critics: the worker learns its env (track) return and its goal return in two critics,
+        # each with its own discount (a goal lives k steps: goal_gamma ~ 1 - 1/k; the track return
+        # keeps low.gamma), and its actor maximises Q_env + w * Q_goal, Q_goal rescaled to Q_env's
+        # running magnitude. One critic of the summed reward lets the dense goal term's noise drown
+        # the sparse track reward, and discounts goals that change every k steps over 100s of steps.
+        self.split_critics = bool(low.get("split_critics", False))
+        if self.split_critics:
+            if not float(low.get("extrinsic_weight", 0.0)):
+                raise ConfigError("agent.low.split_critics=true needs agent.low.extrinsic_weight > 0 "
+                                  "(the env-return critic); set it, or split_critics=false")
+            if reward == "reach":
+                raise ConfigError("agent.low.split_critics=true does not support agent.reward=reach "
+                                  "(reaching ends the goal's episode, not the env's); use reward=distance")
+            self.goal_gamma = float(low.get("goal_gamma") or 1.0 - 1.0 / max(self.k, 2))
+            self.goal_critic = TwinCritic(feat_dim + d, n_act, tuple(low.get("hidden_dims", (256, 256))))
+            self.goal_critic_target = copy.deepcopy(self.goal_critic).requires_grad_(False)
+            self.goal_critic_opt = torch.optim.Adam(self.goal_critic.parameters(), lr=float(low.get("lr", lr)))
+            self.env_q_scale, self.goal_q_scale = RunningMean(), RunningMean()
         self.low_relabel = float(low.get("relabel_fraction", 0.5))
         self.her_horizon = int(low.get("her_horizon") or self.k)
         self.low_extrinsic = float(low.get("extrinsic_weight", 0.0))
         self.low_reward_scale = float(low.get("reward_scale", 1.0))
+        # the goal reward's weight is 0 before env step goal_weight_from and rises linearly to
+        # reward_scale over goal_weight_ramp steps: a worker paid to reach goals from the first step
+        # learns to sit still on CarRacing (goals of a car that does not move are easy), before the
+        # sparse track reward has taught it to drive
+        self.goal_weight_from = int(low.get("goal_weight_from", 0))
+        self.goal_weight_ramp = int(low.get("goal_weight_ramp", 0))
+        if self.goal_weight_from < 0 or self.goal_weight_ramp < 0:
+            raise ConfigError("agent.low.goal_weight_from and agent.low.goal_weight_ramp must be >= 0 env steps, "
+                              f"got {self.goal_weight_from} and {self.goal_weight_ramp}")
         # goal and env rewards each divided by their running batch spread, so neither drowns the other
         self.low_normalize = bool(low.get("normalize_rewards", True))
         # the goal reward's spread: std, or iqr (a std blind to a heavy tail; the normalised goal reward
@@ -328,6 +355,8 @@ class GoalHRL(Agent):
         # rare huge windows (CarRacing's episode-start zoom moves the latent ~100x a typical window)
         self.motion_stat = high.get("motion_stat", "rms")
         self.optimizers = {**self.low.optimizers("low_"), **self.high.optimizers("high_"), "model": self.model_opt}
+        if self.split_critics:
+            self.optimizers["low_goal_critic"] = self.goal_critic_opt
 
         self.n_candidates = int(planning.get("candidates", 8))
         self.plan_method = planning.get("method", "sample")
@@ -846,11 +875,23 @@ class GoalHRL(Agent):
         with torch.no_grad():
             return self.contrastive.reward(achieved, goal)
 
-    def worker_reward(self, goal_r: torch.Tensor, env_r: torch.Tensor) -> torch.Tensor:
-        """reward_scale x goal reward + extrinsic_weight x env reward; with low.normalize_rewards each
-        term is first divided by its running batch spread, so the weights mean what they say (on
-        CarRacing the raw track reward is ~40x the goal reward's scale); low.goal_spread=iqr measures
-        the goal reward's spread robustly and clips the normalised goal reward to +-low.goal_clip."""
+    def goal_weight(self, step: int | None = None) -> float:
+        """The goal reward's weight at env step `step`: 0 before low.goal_weight_from, then rising
+        linearly to low.reward_scale over low.goal_weight_ramp steps (None: the full weight)."""
+        if step is None or step >= self.goal_weight_from + self.goal_weight_ramp:
+            return self.low_reward_scale
+        if step < self.goal_weight_from:
+            return 0.0
+        return self.low_reward_scale * (step - self.goal_weight_from) / self.goal_weight_ramp
+
+    def worker_reward(self, goal_r: torch.Tensor, env_r: torch.Tensor, goal_weight: float | None = None,
+                      split: bool = False):
+        """goal_weight (default reward_scale) x goal reward + extrinsic_weight x env reward; with
+        low.normalize_rewards each term is first divided by its running batch spread, so the weights
+        mean what they say (on CarRacing the raw track reward is ~40x the goal reward's scale);
+        low.goal_spread=iqr measures the goal reward's spread robustly and clips the normalised goal
+        reward to +-low.goal_clip. split: the two normalised terms apart, (goal reward, weighted env
+        reward), for split critics (the goal weight then applies to Q_goal in the actor)."""
         if self.low_normalize:
             if self.reward_type != "reach":  # reach's -1/0 already has a step's scale
                 self.goal_reward_spread.update(robust_std(goal_r) if self.goal_spread == "iqr" else goal_r.std())
@@ -860,7 +901,9 @@ class GoalHRL(Agent):
             if self.low_extrinsic:
                 self.env_reward_spread.update(env_r.std())
                 env_r = env_r / (self.env_reward_spread.value + 1e-6)
-        return self.low_reward_scale * goal_r + self.low_extrinsic * env_r
+        if split:
+            return goal_r, self.low_extrinsic * env_r
+        return (self.low_reward_scale if goal_weight is None else goal_weight) * goal_r + self.low_extrinsic * env_r
 
     def high_encoder_grad_weight(self) -> float:
         """Weight of the manager critic's gradient into the shared encoder: `high.encoder_weight`,
@@ -1030,14 +1073,25 @@ class GoalHRL(Agent):
         h_next_t, g_next_t = self.target_goals(b["next_obs"])
         goal = b["goal"]
         z_t = self.target_goals(b["obs"])[1] if self.goal_input == "offset" or self.reward_type == "direction" else None
-        reward = self.worker_reward(self.goal_reward(g_next_t, goal, z_t), b["reward"])
+        goal_weight = self.goal_weight(step)
+        goal_r = self.goal_reward(g_next_t, goal, z_t)
+        if self.split_critics:
+            goal_r, reward = self.worker_reward(goal_r, b["reward"], split=True)
+        else:
+            reward = self.worker_reward(goal_r, b["reward"], goal_weight)
         ends = b["terminated"]  # reward=reach: reaching the goal also ends its episode (no bootstrap)
         if self.reward_type == "reach":
             ends = torch.maximum(ends, self.goal_reached(g_next_t, goal).float())
         low_in = self.worker_input(h, goal, z_t)
-        low_loss, low_info = self.low.critic_loss(low_in, b["action"], reward,
-                                                  self.worker_input(h_next_t, goal, g_next_t),
+        low_next_in = self.worker_input(h_next_t, goal, g_next_t)
+        low_loss, low_info = self.low.critic_loss(low_in, b["action"], reward, low_next_in,
                                                   self.low.gamma * (1.0 - ends))
+        if self.split_critics:
+            goal_loss, goal_info = self.goal_critic_loss(low_in, b["action"], goal_r, low_next_in,
+                                                         self.goal_gamma * (1.0 - ends))
+            low_loss = low_loss + goal_loss
+            metrics.update({"loss/low_goal_critic": goal_loss.detach(), "train/low_goal_q_mean": goal_info})
+        metrics["goal/reward_weight"] = goal_weight
         f_loss, f_info = self.f_rollout_loss(b["idx"], h, g, h_next_t, g_next_t)
         metrics.update(f_info)
         nr = min(self.recon_batch, len(g))
@@ -1075,19 +1129,26 @@ class GoalHRL(Agent):
             if self.motion.ready:
                 metrics["goal/k_step_motion"] = float(self.k_step_motion)
 
-        for opt in (self.low.critic_opt, self.high.critic_opt, self.model_opt):
+        critic_opts = (self.low.critic_opt, *((self.goal_critic_opt,) if self.split_critics else ()))
+        for opt in (*critic_opts, self.high.critic_opt, self.model_opt):
             opt.zero_grad(set_to_none=True)
         total.backward()
-        self.low.critic_opt.step()
+        for opt in critic_opts:
+            opt.step()
         if do_high:
             self.high.critic_opt.step()
         self.model_opt.step()
 
         if self.num_updates % self.actor_update_every == 0:
-            metrics.update(_prefixed(self.low.update_actor_and_alpha(low_in.detach()), "low"))
+            if self.split_critics:
+                metrics.update(_prefixed(self.update_split_actor(low_in.detach(), goal_weight), "low"))
+            else:
+                metrics.update(_prefixed(self.low.update_actor_and_alpha(low_in.detach()), "low"))
             if do_high:
                 metrics.update(_prefixed(self.high.update_actor_and_alpha(h_hi.detach()), "high"))
         self.low.update_target()
+        if self.split_critics:
+            soft_update(self.goal_critic_target, self.goal_critic, self.low.tau)
         if do_high:
             self.high.update_target()
         soft_update(self.goal_encoder_target, self.goal_encoder, self.encoder_tau)
@@ -1100,6 +1161,32 @@ class GoalHRL(Agent):
             "goal/replay_distance": goal_distance(g_next_t, b["goal"]).mean(),
         })
         return metrics
+
+    def goal_critic_loss(self, low_in, action, goal_r, low_next_in, discount) -> tuple[torch.Tensor, torch.Tensor]:
+        """split_critics: Bellman error of the goal critic on the (normalised) goal reward alone. The
+        next action comes from the worker's actor; the entropy bonus lives in the env critic only."""
+        with torch.no_grad():
+            next_action, _ = self.low.actor(low_next_in)
+            target = goal_r + discount * self.goal_critic_target(low_next_in, next_action).min(0).values
+        q = self.goal_critic(low_in, action)
+        return F.mse_loss(q[0], target) + F.mse_loss(q[1], target), q.mean().detach()
+
+    def update_split_actor(self, low_in: torch.Tensor, goal_weight: float) -> dict:
+        """split_critics: the worker's actor maximises Q_env + w * Q_goal * |Q_env| / |Q_goal| (running
+        mean magnitudes), so w is the goal's share of the objective whatever the two returns' scales."""
+        action, logp = self.low.actor(low_in)
+        for critic in (self.low.critic, self.goal_critic):
+            critic.requires_grad_(False)
+        q_env = self.low.q(low_in, action).min(0).values
+        q_goal = self.goal_critic(low_in, action).min(0).values
+        for critic in (self.low.critic, self.goal_critic):
+            critic.requires_grad_(True)
+        self.env_q_scale.update(q_env.abs().mean())
+        self.goal_q_scale.update(q_goal.abs().mean())
+        ratio = float(self.env_q_scale.value / (self.goal_q_scale.value + 1e-6))
+        info = self.low.step_actor_and_alpha((self.low.alpha * logp - q_env - goal_weight * ratio * q_goal).mean(), logp)
+        info["train/goal_q_ratio"] = ratio
+        return info
 
     # ------------------------------------------------------------------ observability
     @torch.no_grad()
