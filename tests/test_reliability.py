@@ -255,7 +255,9 @@ def test_stop_during_evaluation_is_prompt_and_redone_on_resume(tmp_path):
     from latentrl.trainer import Trainer
 
     cfg = compose_cfg(["env=pendulum", "agent=sac", *TINY, "trainer.eval_episodes=50"])
+    before = signal.getsignal(signal.SIGTERM)
     trainer = Trainer(cfg, tmp_path)
+    assert signal.getsignal(signal.SIGTERM) is not before  # honoured from construction on
     calls = []
 
     def stop_after_some_steps():
@@ -268,7 +270,9 @@ def test_stop_during_evaluation_is_prompt_and_redone_on_resume(tmp_path):
     assert trainer.evaluate() is None and trainer.eval_pending
     assert len(calls) <= 32, "the evaluation stopped within a step of the request, not after 50 episodes"
     assert trainer.last_eval == {}
-    trainer.logger.close()
+    trainer.close()  # a trainer that never trains gives the process its handlers back
+    assert signal.getsignal(signal.SIGTERM) is before
+    trainer.close()  # twice is harmless
 
 
 def test_sweep_marks_the_diverging_job_failed_and_finishes_the_others(tmp_path):

@@ -267,6 +267,17 @@ class Trainer:
         if not resume:
             self.logger.text("config", "```yaml\n" + OmegaConf.to_yaml(cfg) + "\n```")
 
+    def close(self) -> None:
+        """Give back what a trainer holds when it will not train (again): the SIGINT/SIGTERM handlers
+        installed at construction (train() restores them itself), the logger and both envs. Safe to
+        call twice and after train()."""
+        if self._old_handlers is not None:
+            self._restore_signal_handlers(self._old_handlers)
+            self._old_handlers = None
+        self.logger.close()
+        self.envs.close()
+        self.eval_env.close()
+
     # ------------------------------------------------------------------ loop
     def should_stop(self) -> bool:
         """True once SIGINT/SIGTERM arrived: long loops (evaluation, an agent's model retrain) end early."""
