@@ -12,7 +12,10 @@ Two SAC levels share one observation encoder:
   -1 per step until E(s') is within a radius of g, which ends the goal's episode, so the value
   counts steps, as graph planning reads it); trained on
   replay with HER "future" relabeling (goals = EMA encodings of observations up to her_horizon steps
-  later, at sample time);
+  later, at sample time). Where the env reward matters too (`low.extrinsic_weight` > 0), the worker
+  either learns the weighted sum in one critic, or (`low.split_critics`) the env return and the goal
+  return in two critics with their own discounts, its actor maximising Q_env + w Q_goal (Q_goal
+  rescaled to Q_env's magnitude): on CarRacing the summed reward stopped the car at every weight tried;
 - a **goal transition model** f(g_t, h_t, a_t) -> (g_{t+1}, h_{t+1}), trained on multi-step
   rollouts of the real actions (as it is used): its error shapes the latent space (auxiliary loss) and it plans: the high level proposes candidates, f rolls each out k steps
   under the low-level policy, and the one predicted most reachable (traded off against Q_high) wins;
