@@ -446,6 +446,7 @@ def test_success_is_impossible_at_a_windows_first_step():
     agent.target_goals = monkey
     assert stats["goal/relative_success"][-1] == 1.0 and stats["goal/progress"][-1] > 0
     assert stats["goal/relative_success_mirror"][-1] == 0.0  # chance control: the mirrored goal was not reached
+    assert stats["goal/progress_mirror"][-1] < 0 < stats["goal/progress"][-1]  # moved toward g, away from its mirror
     # a window that ends on the goal mirrored through its start counts for the chance level only
     agent.begin_episode(True)
     agent.act(obs, explore=True)
@@ -455,6 +456,7 @@ def test_success_is_impossible_at_a_windows_first_step():
     agent.observe(obs, np.zeros(1, np.float32), 0.0, obs, True, False)
     agent.target_goals = monkey
     assert stats["goal/relative_success"][-1] == 0.0 and stats["goal/relative_success_mirror"][-1] == 1.0
+    assert stats["goal/progress"][-1] < 0 < stats["goal/progress_mirror"][-1]
 
 
 def test_goal_scale_follows_the_measured_k_step_motion():

@@ -849,6 +849,9 @@ class GoalHRL(Agent):
         self._stat("goal/window_distance", dist)
         self._stat("goal/start_distance", start)
         self._stat("goal/progress", start - dist)
+        # the same for the mirrored goal: any large motion makes progress negative toward both, so
+        # aim shows as progress above the mirror's
+        self._stat("goal/progress_mirror", mirror_start - mirror_dist)
         self._stat("goal/relative_success", float(dist < self.success_ratio * start))
         self._stat("goal/relative_success_mirror", float(mirror_dist < self.success_ratio * mirror_start))
         self.pending = None
