@@ -377,6 +377,42 @@ def test_split_critics_learn_env_and_goal_returns_apart_with_their_own_discounts
             build_agent("agent.low.split_critics=true", *bad)
 
 
+@pytest.mark.parametrize("weight", [None, 0.0])
+def test_goal_critic_gradient_into_the_encoder_follows_goal_encoder_weight(weight):
+    """goal_encoder_weight=0: the shared encoder takes the same step whatever the goal critic is
+    (its loss reaches only its own weights); unscaled (null) a different goal critic moves it
+    differently. The weight reported is the configured one shrunk by the running loss ratio."""
+    extra = [] if weight is None else [f"agent.low.goal_encoder_weight={weight}"]
+    agent, env = build_agent("agent.low.split_critics=true", "agent.low.extrinsic_weight=1.0",
+                             "agent.high.critic_trains_encoder=false", *extra)
+    agent.f_weight, agent.recon_weight = 0.0, 0.0  # only the worker's two critics train the encoder
+    collect(agent, env, 60)
+    twin = copy.deepcopy(agent)
+    with torch.no_grad():  # another goal critic: other goal losses and gradients
+        for p in twin.goal_critic.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    encoders = []
+    for a in (agent, twin):
+        torch.manual_seed(1)
+        metrics = a.update(step=100)
+        encoders.append([p.clone() for p in a.goal_encoder.trunk.parameters()])
+    same = all(torch.equal(p, q) for p, q in zip(*encoders))
+    assert same == (weight == 0.0)
+    assert ("goal/low_goal_encoder_weight" in metrics) == (weight is not None)
+
+
+def test_goal_encoder_weight_is_shrunk_by_the_loss_ratio_and_validated():
+    agent, _ = build_agent("agent.low.split_critics=true", "agent.low.extrinsic_weight=1.0",
+                           "agent.low.goal_encoder_weight=0.5")
+    ref, scale = type(agent.env_loss_scale)(), type(agent.goal_loss_scale)()
+    assert agent.balanced_encoder_weight(0.5, ref, torch.tensor(2.0), scale, torch.tensor(20.0)) == pytest.approx(0.05)
+    assert agent.balanced_encoder_weight(0.5, type(ref)(), torch.tensor(2.0), type(scale)(), torch.tensor(1.0)) == 0.5
+    for bad in (["agent.low.goal_encoder_weight=0.5"],  # without split critics
+                ["agent.low.split_critics=true", "agent.low.extrinsic_weight=1.0", "agent.low.goal_encoder_weight=-1"]):
+        with pytest.raises(BAD_CONFIG, match="agent.low.goal_encoder_weight"):
+            build_agent(*bad)
+
+
 @pytest.mark.parametrize("goal_weight", [0.0, 0.5])
 def test_split_actor_adds_the_goal_critic_only_by_its_weight(goal_weight):
     """At weight 0 the worker's actor takes exactly SAC's step on the env critic; at 0.5 it moves
@@ -828,7 +864,8 @@ def _same_extra(a, b):
 
 @pytest.mark.parametrize("extra", [[], ["agent.model.inverse_weight=1.0"],
                                    ["agent.low.split_critics=true", "agent.low.extrinsic_weight=1.0",
-                                    "agent.low.goal_weight_from=80", "agent.low.goal_weight_ramp=50"]],
+                                    "agent.low.goal_weight_from=80", "agent.low.goal_weight_ramp=50",
+                                    "agent.low.goal_encoder_weight=0.1"]],
                          ids=["default", "inverse", "split_critics"])
 def test_resume_is_exact(tmp_path, extra):
     exact = ["agent=goal_hrl", "env=pendulum", *FAST, "agent.k=7", "trainer.warmup_steps=60", "trainer.eval_every=0",

@@ -294,6 +294,18 @@ class GoalHRL(Agent):
             self.goal_critic_target = copy.deepcopy(self.goal_critic).requires_grad_(False)
             self.goal_critic_opt = torch.optim.Adam(self.goal_critic.parameters(), lr=float(low.get("lr", lr)))
             self.env_q_scale, self.goal_q_scale = RunningMean(), RunningMean()
+        # goal_encoder_weight (split_critics): the goal critic's gradient into the shared encoder is
+        # scaled so its loss counts at most this x the env critic's (running magnitudes), and the
+        # manager's share is then measured against the env critic's loss alone. Unscaled, the goal
+        # critic's loss (~20 on CarRacing) and the manager's (capped at the sum) are ~20x the track
+        # critic's (~2): the encoder the track critic reads is shaped almost only by goals.
+        self.goal_encoder_weight = low.get("goal_encoder_weight")
+        if self.goal_encoder_weight is not None:
+            self.goal_encoder_weight = float(self.goal_encoder_weight)
+            if not self.split_critics or self.goal_encoder_weight < 0:
+                raise ConfigError("agent.low.goal_encoder_weight needs agent.low.split_critics=true and a value "
+                                  f">= 0 (got {self.goal_encoder_weight}); leave it null otherwise")
+            self.env_loss_scale, self.goal_loss_scale = RunningMean(), RunningMean()
         self.low_relabel = float(low.get("relabel_fraction", 0.5))
         self.her_horizon = int(low.get("her_horizon") or self.k)
         self.low_extrinsic = float(low.get("extrinsic_weight", 0.0))
@@ -911,6 +923,15 @@ class GoalHRL(Agent):
             return goal_r, self.low_extrinsic * env_r
         return (self.low_reward_scale if goal_weight is None else goal_weight) * goal_r + self.low_extrinsic * env_r
 
+    @staticmethod
+    def balanced_encoder_weight(weight: float, ref_scale: RunningMean, ref_loss: torch.Tensor,
+                                scale: RunningMean, loss: torch.Tensor) -> float:
+        """`weight`, shrunk so `loss` weighs at most that times `ref_loss` in the shared encoder's
+        gradient (running magnitudes of both, updated here with this batch's values)."""
+        ref_scale.update(ref_loss)
+        scale.update(loss)
+        return weight * min(1.0, float(ref_scale.value / (scale.value + 1e-8)))
+
     def high_encoder_grad_weight(self) -> float:
         """Weight of the manager critic's gradient into the shared encoder: `high.encoder_weight`,
         shrunk so the manager's critic loss weighs at most that times the worker's (running
@@ -1092,9 +1113,20 @@ class GoalHRL(Agent):
         low_next_in = self.worker_input(h_next_t, goal, g_next_t)
         low_loss, low_info = self.low.critic_loss(low_in, b["action"], reward, low_next_in,
                                                   self.low.gamma * (1.0 - ends))
+        encoder_ref_loss = low_loss  # what the manager's share of the encoder gradient is measured against
         if self.split_critics:
-            goal_loss, goal_info = self.goal_critic_loss(low_in, b["action"], goal_r, low_next_in,
-                                                         self.goal_gamma * (1.0 - ends))
+            # a copy of the features whose gradient into the encoder can be scaled (goal_encoder_weight)
+            h_goal = h * 1.0 if self.goal_encoder_weight is not None and h.requires_grad else h
+            goal_loss, goal_info = self.goal_critic_loss(self.worker_input(h_goal, goal, z_t), b["action"], goal_r,
+                                                         low_next_in, self.goal_gamma * (1.0 - ends))
+            if self.goal_encoder_weight is not None:
+                goal_enc_weight = self.balanced_encoder_weight(self.goal_encoder_weight, self.env_loss_scale,
+                                                               low_loss, self.goal_loss_scale, goal_loss)
+                if h_goal is not h:
+                    h_goal.register_hook(lambda grad: grad * goal_enc_weight)
+                metrics["goal/low_goal_encoder_weight"] = goal_enc_weight
+            else:
+                encoder_ref_loss = low_loss + goal_loss
             low_loss = low_loss + goal_loss
             metrics.update({"loss/low_goal_critic": goal_loss.detach(), "train/low_goal_q_mean": goal_info})
         metrics["goal/reward_weight"] = goal_weight
@@ -1122,7 +1154,7 @@ class GoalHRL(Agent):
                 h_hi = h_hi.detach()
             high_loss, high_info = self.high.critic_loss(h_hi, hb["action"], hb["reward"], hb["next_feat"],
                                                          hb["discount"])
-            self.low_loss_scale.update(low_loss)
+            self.low_loss_scale.update(encoder_ref_loss)
             self.high_loss_scale.update(high_loss)
             enc_weight = self.high_encoder_grad_weight()
             if self.high_trains_encoder:  # the critic itself learns at full rate; only the encoder's share shrinks
