@@ -413,6 +413,45 @@ def test_goal_encoder_weight_is_shrunk_by_the_loss_ratio_and_validated():
             build_agent(*bad)
 
 
+OWN = ["agent.low.own_encoder=true", "agent.planning.candidates=0", "agent.low.split_critics=true",
+       "agent.low.extrinsic_weight=1.0"]
+
+
+@pytest.mark.parametrize("own", [False, True])
+def test_own_worker_encoder_is_trained_by_the_worker_critics_and_read_by_its_actor(own):
+    """low.own_encoder: the worker's critics train its own encoder and leave the goal encoder's trunk
+    as it was (only f, decoder, inverse head and manager shape that one); shared, the same critic
+    losses move the goal encoder. The worker acts on its own encoder's features."""
+    agent, env = build_agent(*(OWN if own else OWN[1:]), "agent.high.critic_trains_encoder=false")
+    agent.f_weight, agent.recon_weight = 0.0, 0.0  # only the worker's two critics train any encoder
+    assert (agent.worker_encoder is not None) == own
+    collect(agent, env, 60)
+    trunk = [p.clone() for p in agent.goal_encoder.trunk.parameters()]
+    agent.update(step=100)
+    trunk_moved = any(not torch.equal(p, q) for p, q in zip(trunk, agent.goal_encoder.trunk.parameters()))
+    assert trunk_moved != own
+    if own:
+        obs = env.reset(seed=3)[0]
+        agent.begin_episode(False)
+        before = agent.act(obs, explore=False)
+        with torch.no_grad():
+            for p in agent.worker_encoder.parameters():
+                p.add_(0.5 * torch.randn_like(p))
+        agent.state[False]["t"] = 0  # same window: the goal stays, only the worker's features differ
+        assert not np.allclose(agent.act(obs, explore=False), before)
+
+
+def test_own_worker_encoder_on_pixels_and_validated():
+    agent, env = build_agent(*OWN, "env.resize=32", "env.frame_stack=2", "env.grayscale=true", env="carracing")
+    collect(agent, env, 20)
+    worker = [p.clone() for p in agent.worker_encoder.parameters()]
+    metrics = agent.update(0)
+    assert np.isfinite(float(metrics["loss/low_critic"]))
+    assert any(not torch.equal(p, q) for p, q in zip(worker, agent.worker_encoder.parameters()))
+    with pytest.raises(BAD_CONFIG, match="agent.low.own_encoder=true needs agent.planning.candidates=0"):
+        build_agent("agent.low.own_encoder=true")
+
+
 @pytest.mark.parametrize("goal_weight", [0.0, 0.5])
 def test_split_actor_adds_the_goal_critic_only_by_its_weight(goal_weight):
     """At weight 0 the worker's actor takes exactly SAC's step on the env critic; at 0.5 it moves
@@ -865,8 +904,10 @@ def _same_extra(a, b):
 @pytest.mark.parametrize("extra", [[], ["agent.model.inverse_weight=1.0"],
                                    ["agent.low.split_critics=true", "agent.low.extrinsic_weight=1.0",
                                     "agent.low.goal_weight_from=80", "agent.low.goal_weight_ramp=50",
-                                    "agent.low.goal_encoder_weight=0.1"]],
-                         ids=["default", "inverse", "split_critics"])
+                                    "agent.low.goal_encoder_weight=0.1"],
+                                   ["agent.low.own_encoder=true", "agent.planning.candidates=0",
+                                    "agent.low.split_critics=true", "agent.low.extrinsic_weight=1.0"]],
+                         ids=["default", "inverse", "split_critics", "own_encoder"])
 def test_resume_is_exact(tmp_path, extra):
     exact = ["agent=goal_hrl", "env=pendulum", *FAST, "agent.k=7", "trainer.warmup_steps=60", "trainer.eval_every=0",
              "trainer.eval_episodes=1", "trainer.log_every=50", "trainer.checkpoint_every=0", "trainer.progress=false",
@@ -879,6 +920,7 @@ def test_resume_is_exact(tmp_path, extra):
     assert a["modules"].keys() == b["modules"].keys()
     assert ("inverse.0.weight" in a["modules"]) == ("inverse" in str(extra))  # the inverse head is checkpointed when on
     assert ("goal_critic_target.q.net.0.weight" in a["modules"]) == ("split" in str(extra))
+    assert any(k.startswith("worker_encoder.") for k in a["modules"]) == ("own_encoder" in str(extra))
     for key in a["modules"]:
         assert torch.equal(a["modules"][key], b["modules"][key]), key
     assert _same_extra(a["extra"], b["extra"]) and a["extra"]["state"]["goal"] is not None

@@ -1,6 +1,7 @@
 """Latent goal-conditioned hierarchical RL (seed: latent_goal_hrl.md).
 
-Two SAC levels share one observation encoder:
+Two SAC levels share one observation encoder (with `low.own_encoder` the worker reads an encoder of
+its own, trained only by its critics as sac's is, and the shared one serves the goal machinery):
 
 - a **goal encoder** E(s) = tanh(LN(W h(s))) on top of the encoder trunk h(s), trained by
   reconstruction (RIG-style autoencoder: MLP decoder for vectors, deconv decoder for pixels) and
@@ -261,7 +262,14 @@ class GoalHRL(Agent):
                                               int(contrastive.get("embed_dim", 64)),
                                               float(contrastive.get("temperature", 0.1)))
                             if reward == "contrastive" else None)
+        # low.own_encoder: the worker (actor, both critics) reads features of an encoder of its own, a
+        # copy of the trunk trained only by the worker's critics, as sac's is by its critic; the goal
+        # encoder is then shaped by reconstruction, f, the inverse head and the manager alone. Shared,
+        # the track critic's features are shaped mostly by the goal machinery's ~10x larger losses.
+        self.worker_encoder = copy.deepcopy(encoder) if low.get("own_encoder", False) else None
         model_params = [*self.goal_encoder.parameters(), *self.decoder.parameters(), *self.f.parameters()]
+        if self.worker_encoder is not None:  # stepped once per update with the rest (see update())
+            model_params += list(self.worker_encoder.parameters())
         if self.contrastive is not None:
             model_params += list(self.contrastive.parameters())
         if self.inverse is not None:
@@ -443,6 +451,9 @@ class GoalHRL(Agent):
         if int(planning.get("candidates", 8)) < 0:
             raise ConfigError(f"agent.planning.candidates must be >= 0 (0 turns planning off), "
                               f"got {planning.get('candidates')}")
+        if low.get("own_encoder", False) and int(planning.get("candidates", 8)) > 0:
+            raise ConfigError("agent.low.own_encoder=true needs agent.planning.candidates=0: planning rolls the "
+                              "worker out on f's features, which are the goal encoder's, not the worker's own")
         method = planning.get("method", "sample")
         if method not in PLAN_METHODS:
             raise ConfigError(f"agent.planning.method={method!r} is unknown: set it to one of {', '.join(PLAN_METHODS)}")
@@ -559,6 +570,7 @@ class GoalHRL(Agent):
     def act(self, obs: np.ndarray, explore: bool) -> np.ndarray:
         s = self.state[explore]
         h, g = self.goal_encoder(self.obs_tensor(obs))
+        h_low = h if self.worker_encoder is None else self.worker_encoder(self.obs_tensor(obs))
         new_window = self._new_window(explore)
         z = self.target_goals(self.obs_tensor(obs))[1] if new_window or self.goal_input == "offset" else None
         if new_window:
@@ -566,7 +578,7 @@ class GoalHRL(Agent):
             self._open_window(explore, z, u, goal)
         s["t"] += 1
         goal = torch.as_tensor(s["goal"], device=self.device).unsqueeze(0)
-        return self.low.act(self.worker_input(h, goal, z), explore)[0].cpu().numpy()
+        return self.low.act(self.worker_input(h_low, goal, z), explore)[0].cpu().numpy()
 
     def worker_input(self, h: torch.Tensor, goal: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
         """The worker's actor and critic input: features h and the goal (low.goal_input=absolute), or
@@ -1109,20 +1121,26 @@ class GoalHRL(Agent):
         ends = b["terminated"]  # reward=reach: reaching the goal also ends its episode (no bootstrap)
         if self.reward_type == "reach":
             ends = torch.maximum(ends, self.goal_reached(g_next_t, goal).float())
-        low_in = self.worker_input(h, goal, z_t)
-        low_next_in = self.worker_input(h_next_t, goal, g_next_t)
+        if self.worker_encoder is None:
+            h_low, h_low_next = h, h_next_t
+        else:  # the worker's own encoder: online features, next-state features without gradient (DrQ, as sac)
+            h_low = self.worker_encoder(obs_in)
+            with torch.no_grad():
+                h_low_next = self.worker_encoder(self._augment(b["next_obs"]))
+        low_in = self.worker_input(h_low, goal, z_t)
+        low_next_in = self.worker_input(h_low_next, goal, g_next_t)
         low_loss, low_info = self.low.critic_loss(low_in, b["action"], reward, low_next_in,
                                                   self.low.gamma * (1.0 - ends))
         encoder_ref_loss = low_loss  # what the manager's share of the encoder gradient is measured against
         if self.split_critics:
             # a copy of the features whose gradient into the encoder can be scaled (goal_encoder_weight)
-            h_goal = h * 1.0 if self.goal_encoder_weight is not None and h.requires_grad else h
+            h_goal = h_low * 1.0 if self.goal_encoder_weight is not None and h_low.requires_grad else h_low
             goal_loss, goal_info = self.goal_critic_loss(self.worker_input(h_goal, goal, z_t), b["action"], goal_r,
                                                          low_next_in, self.goal_gamma * (1.0 - ends))
             if self.goal_encoder_weight is not None:
                 goal_enc_weight = self.balanced_encoder_weight(self.goal_encoder_weight, self.env_loss_scale,
                                                                low_loss, self.goal_loss_scale, goal_loss)
-                if h_goal is not h:
+                if h_goal is not h_low:
                     h_goal.register_hook(lambda grad: grad * goal_enc_weight)
                 metrics["goal/low_goal_encoder_weight"] = goal_enc_weight
             else:
