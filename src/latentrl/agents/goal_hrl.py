@@ -569,10 +569,11 @@ class GoalHRL(Agent):
     @torch.no_grad()
     def act(self, obs: np.ndarray, explore: bool) -> np.ndarray:
         s = self.state[explore]
-        h, g = self.goal_encoder(self.obs_tensor(obs))
-        h_low = h if self.worker_encoder is None else self.worker_encoder(self.obs_tensor(obs))
+        obs_t = self.obs_tensor(obs)
+        h, g = self.goal_encoder(obs_t)
+        h_low = h if self.worker_encoder is None else self.worker_encoder(obs_t)
         new_window = self._new_window(explore)
-        z = self.target_goals(self.obs_tensor(obs))[1] if new_window or self.goal_input == "offset" else None
+        z = self.target_goals(obs_t)[1] if new_window or self.goal_input == "offset" else None
         if new_window:
             u, goal = self.choose_goal(h, g, z, explore, obs=obs)
             self._open_window(explore, z, u, goal)
