@@ -511,6 +511,7 @@ def test_success_is_impossible_at_a_windows_first_step():
     assert max(stats["goal/start_distance"]) < 0.05  # the old absolute threshold 0.05 called all of these reached
     assert stats["goal/relative_success"] == [0.0] * 20
     assert np.allclose(stats["goal/progress"], 0.0, atol=1e-7)
+    assert stats["goal/closer"] == [0.0] * 20  # not moving is not getting closer
     # a window that ends on its goal succeeds and shows its progress
     agent.begin_episode(True)
     agent.act(obs, explore=True)
@@ -522,6 +523,7 @@ def test_success_is_impossible_at_a_windows_first_step():
     assert stats["goal/relative_success"][-1] == 1.0 and stats["goal/progress"][-1] > 0
     assert stats["goal/relative_success_mirror"][-1] == 0.0  # chance control: the mirrored goal was not reached
     assert stats["goal/progress_mirror"][-1] < 0 < stats["goal/progress"][-1]  # moved toward g, away from its mirror
+    assert stats["goal/closer"][-1] == 1.0 and stats["goal/closer_mirror"][-1] == 0.0
     # a window that ends on the goal mirrored through its start counts for the chance level only
     agent.begin_episode(True)
     agent.act(obs, explore=True)
@@ -532,6 +534,7 @@ def test_success_is_impossible_at_a_windows_first_step():
     agent.target_goals = monkey
     assert stats["goal/relative_success"][-1] == 0.0 and stats["goal/relative_success_mirror"][-1] == 1.0
     assert stats["goal/progress"][-1] < 0 < stats["goal/progress_mirror"][-1]
+    assert stats["goal/closer"][-1] == 0.0 and stats["goal/closer_mirror"][-1] == 1.0
 
 
 def test_goal_scale_follows_the_measured_k_step_motion():

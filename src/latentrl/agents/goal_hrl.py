@@ -877,6 +877,10 @@ class GoalHRL(Agent):
         # the same for the mirrored goal: any large motion makes progress negative toward both, so
         # aim shows as progress above the mirror's
         self._stat("goal/progress_mirror", mirror_start - mirror_dist)
+        # share of windows ending nearer their goal than they started (> 0.5: median progress > 0); the
+        # mean progress above is set by rare windows that move the latent ~5x a typical one
+        self._stat("goal/closer", float(dist < start))
+        self._stat("goal/closer_mirror", float(mirror_dist < mirror_start))
         self._stat("goal/relative_success", float(dist < self.success_ratio * start))
         self._stat("goal/relative_success_mirror", float(mirror_dist < self.success_ratio * mirror_start))
         self.pending = None
