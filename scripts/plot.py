@@ -103,8 +103,13 @@ def group_runs(runs: list[Path], ignored: set[str]) -> tuple[list[dict], list[st
     configs = [g["config"] for g in groups.values()]
     all_keys = sorted(set().union(*configs)) if configs else []
     differing = [k for k in all_keys if len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
-    # a key only some groups have comes with a different _target_ (sac vs goal_hrl): the class names it
-    in_all = [k for k in differing if all(k in c for c in configs)] or differing
+    # a key only some groups have either comes with a different _target_ (sac vs goal_hrl: the class
+    # names it) or was added to the same agent after older runs were made (named, "None" where unset)
+    def same_agent(k: str) -> bool:
+        targets = {c.get("agent._target_") for c in configs if k in c}
+        return all(c.get("agent._target_") in targets for c in configs if k not in c)
+
+    in_all = [k for k in differing if same_agent(k)] or differing
 
     def named(c: dict, keys: list[str]) -> str:
         return ", ".join(f"{k.removesuffix('._target_')}={short(c.get(k))}" for k in keys)

@@ -113,6 +113,22 @@ def test_plot_labels_tell_apart_groups_that_differ_only_in_keys_of_one_agent(tmp
     assert plot.fmt(0.7333) == "0.73" and plot.fmt(-183.26) == "-183.3" and plot.fmt(4.21, -183.0) == "4.2"
 
 
+def test_plot_labels_name_a_key_added_to_the_agent_after_older_runs(tmp_path):
+    """A run made before agent.low.own_encoder existed and one that sets it differ in that key alone
+    (besides one both have): the label must name it, not only the shared key."""
+    plot = load_script("plot")
+    configs = {"old": {"agent": {"_target_": "x.GoalHRL", "planning": {"candidates": 8}}},
+               "new": {"agent": {"_target_": "x.GoalHRL", "planning": {"candidates": 0}, "low": {"own_encoder": True}}}}
+    runs = []
+    for name, cfg in configs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(cfg))
+        runs.append(tmp_path / name)
+    groups, _ = plot.group_runs(runs, set())
+    assert sorted(g["label"] for g in groups) == ["agent.low.own_encoder=None, agent.planning.candidates=8",
+                                                   "agent.low.own_encoder=True, agent.planning.candidates=0"]
+
+
 def test_eval_video_is_an_animated_gif_in_tensorboard(runs):
     _, made = runs
     acc = EventAccumulator(str(made["a_s0"] / "tb"), size_guidance={"images": 0})
