@@ -95,6 +95,16 @@ def test_plot_groups_seeds_and_tables_their_results(runs, tmp_path):
     assert rows["agent.lr=0.001"][0] == f"{b:.1f} ± 0.0"
 
 
+def config_only_runs(tmp_path, configs: dict) -> list:
+    """Run directories holding only a config.yaml each (enough for plot.group_runs)."""
+    runs = []
+    for name, cfg in configs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(cfg))
+        runs.append(tmp_path / name)
+    return runs
+
+
 def test_plot_labels_tell_apart_groups_that_differ_only_in_keys_of_one_agent(tmp_path):
     """goal_hrl with planning on and off beside sac: the planning key exists only in goal_hrl's
     configs, yet the two goal_hrl groups must not share a label (or a table column)."""
@@ -102,12 +112,7 @@ def test_plot_labels_tell_apart_groups_that_differ_only_in_keys_of_one_agent(tmp
     configs = {"hrl_on": {"agent": {"_target_": "x.GoalHRL", "planning": {"candidates": 8}}},
                "hrl_off": {"agent": {"_target_": "x.GoalHRL", "planning": {"candidates": 0}}},
                "sac": {"agent": {"_target_": "x.SAC", "her": {"relabel_fraction": 0.8}}}}
-    runs = []
-    for name, cfg in configs.items():
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(cfg))
-        runs.append(tmp_path / name)
-    groups, _ = plot.group_runs(runs, set())
+    groups, _ = plot.group_runs(config_only_runs(tmp_path, configs), set())
     assert sorted(g["label"] for g in groups) == ["agent=GoalHRL, agent.planning.candidates=0",
                                                    "agent=GoalHRL, agent.planning.candidates=8", "agent=SAC"]
     assert plot.fmt(0.7333) == "0.73" and plot.fmt(-183.26) == "-183.3" and plot.fmt(4.21, -183.0) == "4.2"
@@ -119,12 +124,7 @@ def test_plot_labels_name_a_key_added_to_the_agent_after_older_runs(tmp_path):
     plot = load_script("plot")
     configs = {"old": {"agent": {"_target_": "x.GoalHRL", "planning": {"candidates": 8}}},
                "new": {"agent": {"_target_": "x.GoalHRL", "planning": {"candidates": 0}, "low": {"own_encoder": True}}}}
-    runs = []
-    for name, cfg in configs.items():
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(cfg))
-        runs.append(tmp_path / name)
-    groups, _ = plot.group_runs(runs, set())
+    groups, _ = plot.group_runs(config_only_runs(tmp_path, configs), set())
     assert sorted(g["label"] for g in groups) == ["agent.low.own_encoder=None, agent.planning.candidates=8",
                                                    "agent.low.own_encoder=True, agent.planning.candidates=0"]
 
