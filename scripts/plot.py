@@ -109,7 +109,7 @@ def group_runs(runs: list[Path], ignored: set[str]) -> tuple[list[dict], list[st
         targets = {c.get("agent._target_") for c in configs if k in c}
         return all(c.get("agent._target_") in targets for c in configs if k not in c)
 
-    in_all = [k for k in differing if same_agent(k)] or differing
+    label_keys = [k for k in differing if same_agent(k)] or differing
 
     def named(c: dict, keys: list[str]) -> str:
         return ", ".join(f"{k.removesuffix('._target_')}={short(c.get(k))}" for k in keys)
@@ -117,7 +117,7 @@ def group_runs(runs: list[Path], ignored: set[str]) -> tuple[list[dict], list[st
     for g in groups.values():
         c = g["config"]
         if differing:
-            g["label"] = named(c, in_all)
+            g["label"] = named(c, label_keys)
         else:  # one configuration: name what it is
             env_name = c.get("env.id", "env") + (f" {c['env.task']}" if c.get("env.task") else "")
             g["label"] = f"{short(c.get('agent._target_', 'agent'))} on {env_name}"
@@ -127,7 +127,7 @@ def group_runs(runs: list[Path], ignored: set[str]) -> tuple[list[dict], list[st
     for g in groups.values():
         by_label.setdefault(g["label"], []).append(g)
     for same in (v for v in by_label.values() if len(v) > 1):
-        extra = [k for k in differing if k not in in_all
+        extra = [k for k in differing if k not in label_keys
                  and len({json.dumps(g["config"].get(k), default=str) for g in same}) > 1]
         for g in same:
             g["label"] = f"{g['label']}, {named(g['config'], extra)}"
