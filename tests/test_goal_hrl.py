@@ -329,8 +329,20 @@ def test_worker_reward_terms_are_normalised_by_their_running_spread():
     r = agent.worker_reward(goal_r, env_r)  # first batch: the running spreads are its own std
     # atol: the spread's 1e-6 guard shifts a goal reward of std 0.01 by ~1e-4 of itself
     assert torch.allclose(r, 0.5 * goal_r / goal_r.std() + 2.0 * env_r / env_r.std(), rtol=1e-3, atol=1e-3)
-    agent.low_normalize = False
+    agent.normalize_env_reward = False  # normalize_rewards=goal: the env reward stays raw
+    assert torch.allclose(agent.worker_reward(goal_r, env_r), 0.5 * goal_r / goal_r.std() + 2.0 * env_r,
+                          rtol=1e-3, atol=1e-3)
+    agent.normalize_goal_reward = False
     assert torch.allclose(agent.worker_reward(goal_r, env_r), 0.5 * goal_r + 2.0 * env_r)
+
+
+def test_normalize_rewards_goal_keeps_the_env_reward_raw_and_bad_values_are_one_line():
+    agent, _ = build_agent("agent.low.normalize_rewards=goal")
+    assert agent.normalize_goal_reward and not agent.normalize_env_reward
+    agent, _ = build_agent("agent.low.normalize_rewards=false")
+    assert not agent.normalize_goal_reward and not agent.normalize_env_reward
+    with pytest.raises(BAD_CONFIG, match="agent.low.normalize_rewards"):
+        build_agent("agent.low.normalize_rewards=env")
 
 
 def test_goal_weight_is_zero_before_its_start_and_ramps_to_reward_scale():

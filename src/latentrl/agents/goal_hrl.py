@@ -327,8 +327,14 @@ class GoalHRL(Agent):
         if self.goal_weight_from < 0 or self.goal_weight_ramp < 0:
             raise ConfigError("agent.low.goal_weight_from and agent.low.goal_weight_ramp must be >= 0 env steps, "
                               f"got {self.goal_weight_from} and {self.goal_weight_ramp}")
-        # goal and env rewards each divided by their running batch spread, so neither drowns the other
-        self.low_normalize = bool(low.get("normalize_rewards", True))
+        # goal and env rewards each divided by their running batch spread, so neither drowns the other;
+        # "goal": the goal reward only, the env reward kept raw as sac sees it (a spread that grows as
+        # tile rewards become frequent shrinks every earlier target the track critic learned)
+        normalize = low.get("normalize_rewards", True)
+        if normalize not in (True, False, "goal"):
+            raise ConfigError(f"agent.low.normalize_rewards={normalize!r} is unknown: set it to true (both rewards), "
+                              "goal (the goal reward only) or false")
+        self.normalize_goal_reward, self.normalize_env_reward = normalize in (True, "goal"), normalize is True
         # the goal reward's spread: std, or iqr (a std blind to a heavy tail; the normalised goal reward
         # is then clipped to +-goal_clip): on CarRacing 1% of goal distances (episode-start zoom) are
         # ~300x the median and set the std, shrinking every typical goal reward ~50x below the track's
@@ -926,16 +932,16 @@ class GoalHRL(Agent):
         mean what they say (on CarRacing the raw track reward is ~40x the goal reward's scale);
         low.goal_spread=iqr measures the goal reward's spread robustly and clips the normalised goal
         reward to +-low.goal_clip. split: the two normalised terms apart, (goal reward, weighted env
-        reward), for split critics (the goal weight then applies to Q_goal in the actor)."""
-        if self.low_normalize:
-            if self.reward_type != "reach":  # reach's -1/0 already has a step's scale
-                self.goal_reward_spread.update(robust_std(goal_r) if self.goal_spread == "iqr" else goal_r.std())
-                goal_r = goal_r / (self.goal_reward_spread.value + 1e-6)
-                if self.goal_spread == "iqr":
-                    goal_r = goal_r.clamp(-self.goal_clip, self.goal_clip)
-            if self.low_extrinsic:
-                self.env_reward_spread.update(env_r.std())
-                env_r = env_r / (self.env_reward_spread.value + 1e-6)
+        reward), for split critics (the goal weight then applies to Q_goal in the actor).
+        low.normalize_rewards=goal normalises the goal reward only."""
+        if self.normalize_goal_reward and self.reward_type != "reach":  # reach's -1/0 already has a step's scale
+            self.goal_reward_spread.update(robust_std(goal_r) if self.goal_spread == "iqr" else goal_r.std())
+            goal_r = goal_r / (self.goal_reward_spread.value + 1e-6)
+            if self.goal_spread == "iqr":
+                goal_r = goal_r.clamp(-self.goal_clip, self.goal_clip)
+        if self.normalize_env_reward and self.low_extrinsic:
+            self.env_reward_spread.update(env_r.std())
+            env_r = env_r / (self.env_reward_spread.value + 1e-6)
         if split:
             return goal_r, self.low_extrinsic * env_r
         return (self.low_reward_scale if goal_weight is None else goal_weight) * goal_r + self.low_extrinsic * env_r
