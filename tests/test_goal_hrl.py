@@ -482,6 +482,38 @@ def test_split_actor_adds_the_goal_critic_only_by_its_weight(goal_weight):
     assert agent.env_q_scale.ready and agent.goal_q_scale.ready
 
 
+def test_goal_blind_track_critic_ignores_the_goal_and_the_actor_unlearns_it():
+    """low.track_critic_reads_goal=false: Q_env(s, a) is the same whatever goal sits beside s (the goal
+    critic still reads it), so at goal weight 0 the actor is pulled toward one action per state for
+    every goal; reading the goal, the critic can tell goals apart."""
+    base = ("agent.low.split_critics=true", "agent.low.extrinsic_weight=1.0")
+    agent, env = build_agent(*base, "agent.low.track_critic_reads_goal=false")
+    seeing, _ = build_agent(*base)
+    feat_dim = agent.low.actor.net[0].in_features - agent.goal_dim
+    assert agent.low.critic.q.net[0].weight.shape[1] == feat_dim + agent.action_dim  # goal columns not even wired
+    collect(agent, env, 60)
+    collect(seeing, env, 60)
+    for a in (agent, seeing):
+        a.update(step=100)
+    gen = torch.Generator().manual_seed(0)
+    h, action = torch.randn(16, feat_dim, generator=gen), torch.rand(16, agent.action_dim, generator=gen) * 2 - 1
+    g1, g2 = torch.randn(16, agent.goal_dim, generator=gen), torch.randn(16, agent.goal_dim, generator=gen)
+    with torch.no_grad():
+        assert torch.equal(agent.low.q(torch.cat([h, g1], 1), action), agent.low.q(torch.cat([h, g2], 1), action))
+        assert not torch.equal(agent.goal_critic(torch.cat([h, g1], 1), action),
+                               agent.goal_critic(torch.cat([h, g2], 1), action))
+        assert not torch.equal(seeing.low.q(torch.cat([h, g1], 1), action), seeing.low.q(torch.cat([h, g2], 1), action))
+    # actor step at goal weight 0: the gradient on the actor's output is the same for every goal
+    x = torch.cat([h.repeat(2, 1), torch.cat([g1, g2])], 1)
+    act = (torch.rand(16, agent.action_dim, generator=gen) * 2 - 1).repeat(2, 1).requires_grad_()
+    agent.low.q(x, act).min(0).values.sum().backward()
+    assert torch.allclose(act.grad[:16], act.grad[16:])
+    for bad, match in [(["agent.low.track_critic_reads_goal=false"], "split_critics=true"),
+                       ([*base, "agent.low.track_critic_reads_goal=false", "agent.planning.method=graph"], "graph")]:
+        with pytest.raises(BAD_CONFIG, match=match):
+            build_agent(*bad)
+
+
 def test_manager_critic_gradient_into_the_encoder_is_balanced():
     agent, env = build_agent("agent.high.encoder_weight=0.5")
     collect(agent, env, 60)

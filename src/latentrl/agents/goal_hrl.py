@@ -278,12 +278,24 @@ class GoalHRL(Agent):
 
         # the two SAC levels; the encoder is in neither critic optimizer: model_opt steps it once per
         # update with the gradients of both critics, reconstruction and f summed
-        def sac_core(cfg: dict, in_dim: int, out_dim: int) -> SACCore:
+        def sac_core(cfg: dict, in_dim: int, out_dim: int, critic_feat_dim: int | None = None) -> SACCore:
             return SACCore(in_dim, out_dim, tuple(cfg.get("hidden_dims", (256, 256))), float(cfg.get("lr", lr)),
                            float(cfg.get("gamma") or low.get("gamma") or 0.99), float(cfg.get("tau", 0.005)),
-                           float(cfg.get("init_temperature", 0.1)), cfg.get("target_entropy"))
+                           float(cfg.get("init_temperature", 0.1)), cfg.get("target_entropy"),
+                           critic_feat_dim=critic_feat_dim)
 
-        self.low = sac_core(low, feat_dim + d, n_act)
+        # low.track_critic_reads_goal=false (split_critics): the track critic is Q_env(s, a), blind to the
+        # goal. The track return does not change with the goal the manager set, but a critic that reads
+        # it fits noise along it, and the actor follows: on CarRacing, with goal weight 0, the worker's
+        # actions moved as much with the goal offset as with the state after 2k updates (README).
+        self.track_critic_reads_goal = bool(low.get("track_critic_reads_goal", True))
+        if not self.track_critic_reads_goal and not low.get("split_critics", False):
+            raise ConfigError("agent.low.track_critic_reads_goal=false needs agent.low.split_critics=true (one critic "
+                              "of the summed reward must read the goal)")
+        if not self.track_critic_reads_goal and planning.get("method", "sample") == "graph":
+            raise ConfigError("agent.low.track_critic_reads_goal=false is not supported with "
+                              "agent.planning.method=graph (its edge values read the worker's critic on goals)")
+        self.low = sac_core(low, feat_dim + d, n_act, None if self.track_critic_reads_goal else feat_dim)
         # split_critics: the worker learns its env (track) return and its goal return in two critics,
         # each with its own discount (a goal lives k steps: goal_gamma ~ 1 - 1/k; the track return
         # keeps low.gamma), and its actor maximises Q_env + w * Q_goal, Q_goal rescaled to Q_env's

@@ -36,12 +36,17 @@ class SACCore(nn.Module):
     def __init__(self, feat_dim: int, action_dim: int, hidden_dims=(256, 256), lr: float = 3e-4,
                  gamma: float = 0.99, tau: float = 0.005, init_temperature: float = 1.0,
                  target_entropy: float | None = None, alpha_lr: float | None = None,
-                 extra_critic_params=(), critic_layernorm: bool = False, sa_features=None, sa_dim: int = 0):
+                 extra_critic_params=(), critic_layernorm: bool = False, sa_features=None, sa_dim: int = 0,
+                 critic_feat_dim: int | None = None):
         """sa_features: optional callable (feat, action) -> (B, sa_dim) features the critics read beside
-        feat (TD7/MR.Q's state-action embedding); it belongs to the caller and is not trained here."""
+        feat (TD7/MR.Q's state-action embedding); it belongs to the caller and is not trained here.
+        critic_feat_dim: the critics read only the first critic_feat_dim columns of feat (a goal-
+        conditioned actor beside a critic of a return no goal changes); None: all of them."""
         super().__init__()
         self.actor = SquashedGaussianActor(feat_dim, action_dim, hidden_dims)
-        self.critic = TwinCritic(feat_dim + sa_dim, action_dim, hidden_dims, layernorm=critic_layernorm)
+        self.critic_feat_dim = critic_feat_dim
+        self.critic = TwinCritic((critic_feat_dim or feat_dim) + sa_dim, action_dim, hidden_dims,
+                                 layernorm=critic_layernorm)
         self.sa_features = sa_features
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.tensor(float(np.log(init_temperature))))
@@ -61,6 +66,8 @@ class SACCore(nn.Module):
 
     def q(self, feat: torch.Tensor, action: torch.Tensor, target: bool = False) -> torch.Tensor:
         """Twin Q values (2, B) of the online (or target) critic, with the state-action features if any."""
+        if self.critic_feat_dim is not None:
+            feat = feat[..., :self.critic_feat_dim]
         if self.sa_features is not None:
             feat = torch.cat([feat, self.sa_features(feat, action)], -1)
         return (self.critic_target if target else self.critic)(feat, action)
