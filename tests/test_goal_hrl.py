@@ -514,6 +514,20 @@ def test_goal_blind_track_critic_ignores_the_goal_and_the_actor_unlearns_it():
             build_agent(*bad)
 
 
+def test_worker_sensitivity_reads_zero_for_a_worker_that_ignores_its_goal():
+    agent, env = build_agent()
+    collect(agent, env, 60)
+    metrics = agent.update(step=100)
+    assert metrics["goal/worker_goal_sensitivity"] > 0 and metrics["goal/worker_state_sensitivity"] > 0
+    first = agent.low.actor.net[0]
+    n_feat = first.in_features - agent.goal_dim
+    with torch.no_grad():
+        first.weight[:, n_feat:] = 0.0  # the actor no longer reads the goal
+    x = torch.randn(32, first.in_features, generator=torch.Generator().manual_seed(0))
+    out = agent.worker_sensitivity(x)
+    assert out["goal/worker_goal_sensitivity"] == 0.0 and out["goal/worker_state_sensitivity"] > 1e-4
+
+
 def test_manager_critic_gradient_into_the_encoder_is_balanced():
     agent, env = build_agent("agent.high.encoder_weight=0.5")
     collect(agent, env, 60)

@@ -1238,8 +1238,25 @@ class GoalHRL(Agent):
             "loss/goal_f": f_loss.detach(), "loss/recon": recon_loss.detach(),
             "goal/low_reward": reward.mean().detach(), "goal/relabeled_fraction": b["relabeled"].float().mean(),
             "goal/replay_distance": goal_distance(g_next_t, b["goal"]).mean(),
+            **self.worker_sensitivity(low_in.detach()),
         })
         return metrics
+
+    @torch.no_grad()
+    def worker_sensitivity(self, low_in: torch.Tensor) -> dict:
+        """Mean |change| of the worker's deterministic action when the goal part of its input is swapped
+        between rows of a batch (goal/worker_goal_sensitivity), beside the same for the state features
+        (goal/worker_state_sensitivity): a worker that ignores its goals scores ~0 on the first, one
+        that follows noise in them scores as high as one that follows them. Rows are rolled by one, so
+        no random draw is taken."""
+        n_feat = low_in.shape[1] - self.goal_dim
+        feat, goal = low_in[:, :n_feat], low_in[:, n_feat:]
+        def act(x):
+            return self.low.actor(x, deterministic=True, with_log_prob=False)[0]
+
+        a = act(low_in)
+        return {"goal/worker_goal_sensitivity": (act(torch.cat([feat, goal.roll(1, 0)], 1)) - a).abs().mean(),
+                "goal/worker_state_sensitivity": (act(torch.cat([feat.roll(1, 0), goal], 1)) - a).abs().mean()}
 
     def goal_critic_loss(self, low_in, action, goal_r, low_next_in, discount) -> tuple[torch.Tensor, torch.Tensor]:
         """split_critics: Bellman error of the goal critic on the (normalised) goal reward alone. The
