@@ -464,6 +464,53 @@ def test_own_worker_encoder_on_pixels_and_validated():
         build_agent("agent.low.own_encoder=true")
 
 
+def test_goal_phase_opens_when_the_workers_returns_reach_the_threshold_and_stays_open():
+    """low.goal_phase_return: until the mean of the last goal_phase_episodes training returns reaches
+    it, the actor is blind to its goal (acting, targets and its loss alike) and the goal weight is 0;
+    the update that sees the mean cross it opens the phase, and input and weight ramp in together."""
+    agent, env = build_agent("agent.low.split_critics=true", "agent.low.extrinsic_weight=1.0",
+                             "agent.low.reward_scale=0.5", "agent.low.goal_phase_return=0.0",
+                             "agent.low.goal_phase_episodes=2", "agent.low.goal_weight_ramp=100")
+    collect(agent, env, 60)  # pendulum: ~-5 per step, no episode ends
+    feat = torch.randn(16, agent.low.actor.actor.net[0].in_features)
+    moved_goal = feat.clone()
+    moved_goal[:, -agent.goal_dim:] += 3.0
+
+    def acts(x):
+        return agent.low.actor(x, deterministic=True, with_log_prob=False)[0]
+
+    def end_episode(reward):
+        obs = env.reset(seed=0)[0]
+        agent.observe(obs, np.zeros(1, np.float32), reward, obs, False, True)
+
+    metrics = agent.update(100)
+    assert metrics["goal/phase_open"] == 0.0 and metrics["goal/reward_weight"] == 0.0
+    assert torch.equal(acts(feat), acts(moved_goal))  # goal-blind
+    assert float(metrics["goal/worker_goal_sensitivity"]) == 0.0
+    end_episode(3.0)  # the first episode's return is the 60 collected steps' (< 0) plus 3
+    end_episode(3.0)  # one good episode: the mean of the last two is still < 0
+    assert agent.recent_returns[-1] == 3.0 and agent.recent_returns[0] < 0
+    assert agent.update(150)["goal/phase_open"] == 0.0 and agent.goal_phase_from is None
+    end_episode(3.0)
+    metrics = agent.update(200)
+    assert agent.recent_returns == [3.0, 3.0] and agent.goal_phase_from == 200
+    assert metrics["goal/phase_open"] == 1.0 and metrics["goal/actor_goal_input"] == 0.0  # ramps from here
+    assert agent.update(250)["goal/reward_weight"] == pytest.approx(0.25)
+    assert float(agent.low.actor.mix) == pytest.approx(0.5)
+    end_episode(-500.0)
+    end_episode(-500.0)  # returns falling again do not close it
+    metrics = agent.update(300)
+    assert agent.goal_phase_from == 200 and metrics["goal/reward_weight"] == pytest.approx(0.5)
+    assert metrics["goal/actor_goal_input"] == 1.0 and not torch.equal(acts(feat), acts(moved_goal))
+    for bad, match in ((["agent.low.goal_phase_return=0.0"], "needs agent.low.split_critics=true"),
+                       (["agent.low.split_critics=true", "agent.low.extrinsic_weight=1.0", "agent.low.goal_phase_return=0",
+                         "agent.low.goal_weight_from=10"], "agent.low.goal_weight_from"),
+                       (["agent.low.split_critics=true", "agent.low.extrinsic_weight=1.0", "agent.low.goal_phase_return=0",
+                         "agent.low.goal_phase_episodes=0"], "agent.low.goal_phase_episodes must be >= 1")):
+        with pytest.raises(BAD_CONFIG, match=match):
+            build_agent(*bad)
+
+
 @pytest.mark.parametrize("goal_weight", [0.0, 0.5])
 def test_split_actor_adds_the_goal_critic_only_by_its_weight(goal_weight):
     """At weight 0 the worker's actor takes exactly SAC's step on the env critic; at 0.5 it moves
@@ -967,8 +1014,11 @@ def _same_extra(a, b):
                                     "agent.low.goal_weight_from=80", "agent.low.goal_weight_ramp=50",
                                     "agent.low.goal_encoder_weight=0.1"],
                                    ["agent.low.own_encoder=true", "agent.planning.candidates=0",
-                                    "agent.low.split_critics=true", "agent.low.extrinsic_weight=1.0"]],
-                         ids=["default", "inverse", "split_critics", "own_encoder"])
+                                    "agent.low.split_critics=true", "agent.low.extrinsic_weight=1.0"],
+                                   ["agent.low.split_critics=true", "agent.low.extrinsic_weight=1.0",
+                                    "agent.low.goal_phase_return=-1e9", "agent.low.goal_phase_episodes=1",
+                                    "agent.low.goal_weight_ramp=50"]],
+                         ids=["default", "inverse", "split_critics", "own_encoder", "goal_phase"])
 def test_resume_is_exact(tmp_path, extra):
     exact = ["agent=goal_hrl", "env=pendulum", *FAST, "agent.k=7", "trainer.warmup_steps=60", "trainer.eval_every=0",
              "trainer.eval_episodes=1", "trainer.log_every=50", "trainer.checkpoint_every=0", "trainer.progress=false",
@@ -985,6 +1035,8 @@ def test_resume_is_exact(tmp_path, extra):
     for key in a["modules"]:
         assert torch.equal(a["modules"][key], b["modules"][key]), key
     assert _same_extra(a["extra"], b["extra"]) and a["extra"]["state"]["goal"] is not None
+    if "goal_phase" in str(extra):  # opened by the update after the first episode ends (step 200), past the split
+        assert a["extra"]["goal_phase"]["from"] == 200 and a["modules"]["low.actor.mix"] > 0
     assert _same_extra(a["optimizers"], b["optimizers"])
     assert _same_extra(load(tmp_path / "straight", "buffers.pt"), load(tmp_path / "split", "buffers.pt"))
 

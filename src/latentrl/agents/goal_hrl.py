@@ -217,6 +217,22 @@ class RunningMean(nn.Module):
         return self.sum / self.weight
 
 
+class GoalGatedActor(nn.Module):
+    """The worker's actor with its goal input multiplied by `mix` (a buffer in [0, 1], checkpointed):
+    at 0 it acts on its features alone, as sac's actor does, and every caller (acting, the critics'
+    targets, the actor's own loss) sees the same goal-blind policy; the critics still read the goal.
+    low.goal_phase_return raises mix from 0 to 1 once the worker drives (see GoalHRL.goal_mix)."""
+
+    def __init__(self, actor: nn.Module, goal_dim: int):
+        super().__init__()
+        self.actor, self.goal_dim = actor, int(goal_dim)
+        self.register_buffer("mix", torch.zeros(()))
+
+    def forward(self, feat: torch.Tensor, *args, **kwargs):
+        n_feat = feat.shape[-1] - self.goal_dim
+        return self.actor(torch.cat([feat[..., :n_feat], feat[..., n_feat:] * self.mix], -1), *args, **kwargs)
+
+
 # ----------------------------------------------------------------------------- the agent
 class GoalHRL(Agent):
     goal_conditioned = True
@@ -339,6 +355,27 @@ class GoalHRL(Agent):
         if self.goal_weight_from < 0 or self.goal_weight_ramp < 0:
             raise ConfigError("agent.low.goal_weight_from and agent.low.goal_weight_ramp must be >= 0 env steps, "
                               f"got {self.goal_weight_from} and {self.goal_weight_ramp}")
+        # low.goal_phase_return (split_critics): a goal-free first phase ended by the worker's own driving
+        # rather than by a step count. Until the mean env return of the last goal_phase_episodes training
+        # episodes reaches goal_phase_return, the actor reads a zeroed goal and the goal critic's weight in
+        # its objective is 0 (the worker acts as sac on the shared features); from the update that sees
+        # the mean cross it, goal input and weight rise together over goal_weight_ramp steps. On CarRacing
+        # the car starts driving later than sac's on more seeds, and a step gate cannot know when (README).
+        self.goal_phase_return = low.get("goal_phase_return")
+        self.goal_phase_episodes = int(low.get("goal_phase_episodes", 5))
+        if self.goal_phase_return is not None:
+            self.goal_phase_return = float(self.goal_phase_return)
+            if not self.split_critics:
+                raise ConfigError("agent.low.goal_phase_return needs agent.low.split_critics=true (the goal critic "
+                                  "learns apart while the actor is goal-blind); set it, or goal_phase_return=null")
+            if self.goal_weight_from:
+                raise ConfigError("agent.low.goal_phase_return and agent.low.goal_weight_from both set when the goal "
+                                  "phase starts: keep one (goal_weight_from=0 with goal_phase_return)")
+            if self.goal_phase_episodes < 1:
+                raise ConfigError(f"agent.low.goal_phase_episodes must be >= 1, got {self.goal_phase_episodes}")
+            self.low.actor = GoalGatedActor(self.low.actor, d)  # same parameters: actor_opt is unchanged
+        self.episode_return, self.recent_returns = 0.0, []  # the training episodes' env returns (the gate's)
+        self.goal_phase_from: int | None = None  # env step at which the goal phase opened (None: not yet)
         # goal and env rewards each divided by their running batch spread, so neither drowns the other;
         # "goal": the goal reward only, the env reward kept raw as sac sees it (a spread that grows as
         # tile rewards become frequent shrinks every earlier target the track critic learned)
@@ -867,6 +904,10 @@ class GoalHRL(Agent):
             self.pending = {"obs": map_obs(np.asarray, obs), "goal": s["goal"], "action": s["action"], "reward": 0.0,
                             "steps": 0, "start_dist": s["start_dist"], "start_latent": s["start_latent"]}
         self.pending["reward"] += float(reward)
+        self.episode_return += float(reward)
+        if terminated or truncated:
+            self.recent_returns = [*self.recent_returns, self.episode_return][-self.goal_phase_episodes:]
+            self.episode_return = 0.0
         self.pending["steps"] += 1
         if self.pending["steps"] >= self.k or terminated or truncated:
             self._close_window(next_obs, terminated, truncated)
@@ -928,14 +969,37 @@ class GoalHRL(Agent):
         with torch.no_grad():
             return self.contrastive.reward(achieved, goal)
 
-    def goal_weight(self, step: int | None = None) -> float:
-        """The goal reward's weight at env step `step`: 0 before low.goal_weight_from, then rising
-        linearly to low.reward_scale over low.goal_weight_ramp steps (None: the full weight)."""
-        if step is None or step >= self.goal_weight_from + self.goal_weight_ramp:
-            return self.low_reward_scale
-        if step < self.goal_weight_from:
+    def goal_mix(self, step: int | None = None) -> float:
+        """The goal's share in [0, 1] at env step `step`: 0 before the goal phase starts (env step
+        low.goal_weight_from, or with low.goal_phase_return the step the worker's returns reached it),
+        then rising linearly to 1 over low.goal_weight_ramp steps (None: 1)."""
+        start = self.goal_weight_from if self.goal_phase_return is None else self.goal_phase_from
+        if step is None:
+            return 1.0
+        if start is None or step < start:
             return 0.0
-        return self.low_reward_scale * (step - self.goal_weight_from) / self.goal_weight_ramp
+        if step >= start + self.goal_weight_ramp:
+            return 1.0
+        return (step - start) / self.goal_weight_ramp
+
+    def goal_weight(self, step: int | None = None) -> float:
+        """The goal reward's weight at env step `step`: low.reward_scale x goal_mix(step)."""
+        return self.low_reward_scale * self.goal_mix(step)
+
+    def open_goal_phase(self, step: int) -> dict:
+        """low.goal_phase_return: open the goal phase at `step` once the mean return of the last
+        goal_phase_episodes training episodes reaches the threshold, then set the actor's goal-input
+        share for this step (acting until the next update uses it too)."""
+        recent = self.recent_returns[-self.goal_phase_episodes:]
+        if (self.goal_phase_from is None and len(recent) == self.goal_phase_episodes
+                and np.mean(recent) >= self.goal_phase_return):
+            self.goal_phase_from = int(step)
+        self.low.actor.mix.fill_(self.goal_mix(step))
+        metrics = {"goal/phase_open": float(self.goal_phase_from is not None),
+                   "goal/actor_goal_input": float(self.low.actor.mix)}
+        if recent:
+            metrics["goal/phase_recent_return"] = float(np.mean(recent))
+        return metrics
 
     def worker_reward(self, goal_r: torch.Tensor, env_r: torch.Tensor, goal_weight: float | None = None,
                       split: bool = False):
@@ -1135,6 +1199,8 @@ class GoalHRL(Agent):
         h_next_t, g_next_t = self.target_goals(b["next_obs"])
         goal = b["goal"]
         z_t = self.target_goals(b["obs"])[1] if self.goal_input == "offset" or self.reward_type == "direction" else None
+        if self.goal_phase_return is not None:
+            metrics.update(self.open_goal_phase(step))
         goal_weight = self.goal_weight(step)
         goal_r = self.goal_reward(g_next_t, goal, z_t)
         if self.split_critics:
@@ -1309,7 +1375,9 @@ class GoalHRL(Agent):
         pending = None if self.pending is None else tensors(self.pending)
         return {"num_updates": self.num_updates, "state": tensors(self.state[True]), "pending": pending,
                 "env_stats": {k: list(v) for k, v in self.env_stats.items()},
-                "graph": None if self.graph is None else self.graph.state()}
+                "graph": None if self.graph is None else self.graph.state(),
+                "goal_phase": {"episode_return": self.episode_return, "recent_returns": list(self.recent_returns),
+                               "from": self.goal_phase_from}}
 
     def load_extra_state(self, state: dict) -> None:
         self.num_updates = state["num_updates"]
@@ -1321,3 +1389,6 @@ class GoalHRL(Agent):
         self.pending = None if state["pending"] is None else arrays(state["pending"])
         self.env_stats = {k: list(v) for k, v in state["env_stats"].items()}
         self.graph = LandmarkGraph.from_state(state.get("graph"), self.device)
+        phase = state.get("goal_phase", {"episode_return": 0.0, "recent_returns": [], "from": None})  # older runs
+        self.episode_return, self.recent_returns = phase["episode_return"], list(phase["recent_returns"])
+        self.goal_phase_from = phase["from"]
