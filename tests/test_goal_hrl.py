@@ -156,6 +156,8 @@ def test_contrastive_reward_learns_to_score_matching_pairs():
     ("agent.low.relabel_fraction=1.5", "relabel_fraction"),
     ("agent.planning.candidates=-1", "candidates"),
     ("agent.high.motion_stat=mean", "motion_stat.*rms, median"),
+    ("agent.high.motion_source=buffer", "motion_source.*replay, recent"),
+    ("agent.high.motion_windows=0", "motion_windows must be >= 1"),
     ("agent.low.goal_input=relative", "goal_input.*absolute, offset"),
     ("agent.low.goal_spread=mad", "goal_spread.*std, iqr"),
 ])
@@ -670,6 +672,29 @@ def test_median_motion_ignores_rare_huge_windows():
     assert expected * 10 < ((24 * 0.01 ** 2 + 1.0) / 25) ** 0.5  # the two differ by more than 10x
 
 
+def test_recent_motion_is_the_median_of_the_last_collected_windows_not_of_replay():
+    """high.motion_source=recent: the k-step motion is measured on the last motion_windows training
+    windows as collected (EMA latent at the window's start and end), so the goal reach follows a policy
+    that speeds up; sampling replay leaves it alone, and it is checkpointed with the networks."""
+    agent, env = build_agent("agent.k=4", "agent.high.motion_source=recent", "agent.high.motion_windows=3",
+                             "agent.high.motion_stat=median", "agent.high.scale_motion_mult=2.0")
+    assert agent.goal_scale == agent.init_goal_scale  # before any window closes
+    obs = collect(agent, env, 80)[0]  # one episode: 20 full windows, starts at steps 0, 4, ..., 76
+    z = agent.target_goals(torch.as_tensor(np.stack(obs)))[1]
+    msq = torch.stack([(z[t + 4] - z[t]).pow(2).mean() for t in range(0, 80, 4)])
+    expected = msq[-3:].median().sqrt()  # the last 3 windows only
+    assert not torch.allclose(expected, msq.median().sqrt())  # ...which differs from all 20 windows'
+    assert torch.allclose(agent.k_step_motion, expected)
+    assert torch.allclose(torch.as_tensor(agent.goal_scale), 2.0 * expected)
+    assert np.allclose(agent.env_stats["goal/window_motion"], msq.sqrt().numpy(), rtol=1e-5)
+    agent.sample_high()  # replayed windows do not move the estimate
+    assert torch.allclose(agent.k_step_motion, expected)
+    fresh, _ = build_agent("agent.k=4", "agent.high.motion_source=recent", "agent.high.motion_windows=3",
+                           "agent.high.motion_stat=median")
+    fresh.load_state_dict(agent.state_dict())
+    assert torch.allclose(fresh.k_step_motion, expected) and {"motion.msq", "motion.count"} <= agent.state_dict().keys()
+
+
 def test_iqr_goal_spread_keeps_typical_goal_rewards_at_unit_scale_under_a_heavy_tail():
     """low.goal_spread=iqr: 2% of goal distances 300x the rest (CarRacing's zoom windows) set the std,
     which shrinks typical normalised goal rewards far below the env reward's unit scale; the
@@ -1017,8 +1042,9 @@ def _same_extra(a, b):
                                     "agent.low.split_critics=true", "agent.low.extrinsic_weight=1.0"],
                                    ["agent.low.split_critics=true", "agent.low.extrinsic_weight=1.0",
                                     "agent.low.goal_phase_return=-1e9", "agent.low.goal_phase_episodes=1",
-                                    "agent.low.goal_weight_ramp=50"]],
-                         ids=["default", "inverse", "split_critics", "own_encoder", "goal_phase"])
+                                    "agent.low.goal_weight_ramp=50", "agent.high.motion_source=recent",
+                                    "agent.high.motion_windows=5"]],
+                         ids=["default", "inverse", "split_critics", "own_encoder", "goal_phase_recent_motion"])
 def test_resume_is_exact(tmp_path, extra):
     exact = ["agent=goal_hrl", "env=pendulum", *FAST, "agent.k=7", "trainer.warmup_steps=60", "trainer.eval_every=0",
              "trainer.eval_episodes=1", "trainer.log_every=50", "trainer.checkpoint_every=0", "trainer.progress=false",
@@ -1032,6 +1058,7 @@ def test_resume_is_exact(tmp_path, extra):
     assert ("inverse.0.weight" in a["modules"]) == ("inverse" in str(extra))  # the inverse head is checkpointed when on
     assert ("goal_critic_target.q.net.0.weight" in a["modules"]) == ("split" in str(extra))
     assert any(k.startswith("worker_encoder.") for k in a["modules"]) == ("own_encoder" in str(extra))
+    assert ("motion.msq" in a["modules"]) == ("recent" in str(extra))  # the recent windows' motion resumes too
     for key in a["modules"]:
         assert torch.equal(a["modules"][key], b["modules"][key]), key
     assert _same_extra(a["extra"], b["extra"]) and a["extra"]["state"]["goal"] is not None

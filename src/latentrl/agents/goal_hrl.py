@@ -81,6 +81,7 @@ REWARDS = ("distance", "cosine", "direction", "contrastive", "reach")
 CORRECTIONS = ("hac", "none")
 GOAL_SPACES = ("relative", "absolute")
 MOTION_STATS = ("rms", "median")
+MOTION_SOURCES = ("replay", "recent")
 GOAL_SPREADS = ("std", "iqr")
 GOAL_INPUTS = ("absolute", "offset")
 OFFSET_CLIP = 10.0  # low.goal_input=offset: bound of the worker's goal offset, in goal_scale units
@@ -215,6 +216,35 @@ class RunningMean(nn.Module):
     @property
     def value(self) -> torch.Tensor:
         return self.sum / self.weight
+
+
+class RecentMotion(nn.Module):
+    """The k-step motion of the last `windows` training windows as they were collected (ring buffer of
+    their mean squared motion per dim; buffers, so checkpointed): it follows the current policy's speed,
+    where a running mean over replayed windows lags it while old, slow windows fill the buffer.
+    value: the RMS (stat=rms) or the median window's RMS (stat=median); nan before the first window."""
+
+    def __init__(self, windows: int, stat: str):
+        super().__init__()
+        self.stat = stat
+        self.register_buffer("msq", torch.zeros(int(windows)))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def add(self, msq: torch.Tensor) -> None:
+        self.msq[int(self.count) % len(self.msq)] = msq.detach().float()
+        self.count += 1
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.count > 0)
+
+    @property
+    def value(self) -> torch.Tensor:
+        filled = self.msq[: min(int(self.count), len(self.msq))]
+        if not len(filled):
+            return torch.tensor(float("nan"), device=self.msq.device)
+        return (filled.median() if self.stat == "median" else filled.mean()).sqrt()
 
 
 class GoalGatedActor(nn.Module):
@@ -428,10 +458,14 @@ class GoalHRL(Agent):
         self.init_goal_scale = float(high.get("goal_scale", 0.25))
         self.adapt_scale = bool(high.get("adapt_scale", True))
         self.scale_motion_mult = float(high.get("scale_motion_mult", 2.0))
-        self.motion = RunningMean(float(high.get("scale_rate", 0.01)))
         # rms: sqrt of the batch's mean squared motion; median: the median window's RMS motion, robust to
         # rare huge windows (CarRacing's episode-start zoom moves the latent ~100x a typical window)
         self.motion_stat = high.get("motion_stat", "rms")
+        # replay: measured on replayed windows (lags a policy that speeds up); recent: on the last
+        # motion_windows training windows as collected
+        self.motion_from_replay = high.get("motion_source", "replay") == "replay"
+        self.motion = (RunningMean(float(high.get("scale_rate", 0.01))) if self.motion_from_replay
+                       else RecentMotion(int(high.get("motion_windows", 200)), self.motion_stat))
         self.optimizers = {**self.low.optimizers("low_"), **self.high.optimizers("high_"), "model": self.model_opt}
         if self.split_critics:
             self.optimizers["low_goal_critic"] = self.goal_critic_opt
@@ -489,6 +523,7 @@ class GoalHRL(Agent):
         for key, value, allowed in (("high.correction", high.get("correction", "hac"), CORRECTIONS),
                                     ("high.goal_space", high.get("goal_space", "relative"), GOAL_SPACES),
                                     ("high.motion_stat", high.get("motion_stat", "rms"), MOTION_STATS),
+                                    ("high.motion_source", high.get("motion_source", "replay"), MOTION_SOURCES),
                                     ("low.goal_input", low.get("goal_input", "absolute"), GOAL_INPUTS),
                                     ("low.goal_spread", low.get("goal_spread", "std"), GOAL_SPREADS)):
             if value not in allowed:
@@ -496,6 +531,9 @@ class GoalHRL(Agent):
         if low.get("goal_input", "absolute") == "offset" and planning.get("method", "sample") == "graph":
             raise ConfigError("agent.low.goal_input=offset is not supported with agent.planning.method=graph "
                               "(its edge values read the worker on landmark goals): use goal_input=absolute")
+        if int(high.get("motion_windows", 200)) < 1:
+            raise ConfigError(f"agent.high.motion_windows must be >= 1 (training windows the k-step motion is "
+                              f"measured over with motion_source=recent), got {high.get('motion_windows')}")
         if float(low.get("goal_clip", 10.0)) <= 0:
             raise ConfigError(f"agent.low.goal_clip must be > 0 (in goal-reward spreads), got {low.get('goal_clip')}")
         for key, value in (("low.relabel_fraction", low.get("relabel_fraction", 0.5)),
@@ -570,9 +608,10 @@ class GoalHRL(Agent):
 
     @torch.no_grad()
     def record_motion(self, start: torch.Tensor, end: torch.Tensor) -> None:
-        """Fold one batch of full-window (start, end) latents into the k-step motion estimate
-        (high.motion_stat: the batch's RMS, or its median window's)."""
-        if len(start):
+        """Fold one batch of replayed full-window (start, end) latents into the k-step motion estimate
+        (high.motion_stat: the batch's RMS, or its median window's); motion_source=recent measures
+        collected windows instead (_close_window)."""
+        if len(start) and self.motion_from_replay:
             msq = goal_distance(end, start)
             self.motion.update(msq.median().sqrt() if self.motion_stat == "median" else msq.mean().sqrt())
 
@@ -929,6 +968,11 @@ class GoalHRL(Agent):
             mirror = (2 * start_latent - goal).clamp(-1.0, 1.0)
             mirror_dist = float(goal_distance(achieved, mirror))
             mirror_start = float(goal_distance(start_latent, mirror))
+            motion_sq = goal_distance(achieved, start_latent)
+        if p["steps"] == self.k:  # the k-step motion of a full window, as the current policy moves
+            self._stat("goal/window_motion", float(motion_sq.sqrt()))
+            if not self.motion_from_replay:
+                self.motion.add(motion_sq)
         start = float(p["start_dist"])
         self._stat("goal/window_distance", dist)
         self._stat("goal/start_distance", start)
