@@ -194,6 +194,12 @@ def _prefixed(metrics: dict, level: str) -> dict:
     return {k.replace("/", f"/{level}_", 1): v for k, v in metrics.items()}
 
 
+def typical_motion(msq: torch.Tensor, stat: str) -> torch.Tensor:
+    """The k-step motion of a set of windows, given each one's mean squared motion per dim: their RMS
+    (stat=rms) or the median window's RMS (stat=median, blind to rare huge windows)."""
+    return (msq.median() if stat == "median" else msq.mean()).sqrt()
+
+
 class RunningMean(nn.Module):
     """Bias-corrected exponential running mean of a scalar (a latent's motion, a reward's spread, a
     loss's magnitude); buffers, so it is checkpointed with the networks. nan before the first value."""
@@ -244,7 +250,7 @@ class RecentMotion(nn.Module):
         filled = self.msq[: min(int(self.count), len(self.msq))]
         if not len(filled):
             return torch.tensor(float("nan"), device=self.msq.device)
-        return (filled.median() if self.stat == "median" else filled.mean()).sqrt()
+        return typical_motion(filled, self.stat)
 
 
 class GoalGatedActor(nn.Module):
@@ -613,7 +619,7 @@ class GoalHRL(Agent):
         collected windows instead (_close_window)."""
         if len(start) and self.motion_from_replay:
             msq = goal_distance(end, start)
-            self.motion.update(msq.median().sqrt() if self.motion_stat == "median" else msq.mean().sqrt())
+            self.motion.update(typical_motion(msq, self.motion_stat))
 
     def goal_from_action(self, g_start: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """High-level action u in [-1,1]^d -> the goal the low level pursues."""
