@@ -170,3 +170,26 @@ def test_tensorboard_server_serves_the_run_scalars(runs):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_bins_average_each_runs_values_per_step_bin_and_mark_its_onset_and_gate(tmp_path, capsys):
+    """scripts/bins.py: a value logged at step 2000 closes the 0-2k bin, each bin is the mean of its values,
+    the first bin above the onset is bold per run, and the goal-phase gate is read from goal/phase_open."""
+    bins = load_script("bins")
+    rows = {"early": [(1000, -50.0), (2000, -30.0), (3000, 10.0), (4000, 30.0), (5000, 70.0)],
+            "late": [(1000, -60.0), (2000, -40.0), (3000, -20.0), (4000, -10.0), (5000, 5.0)]}
+    runs = config_only_runs(tmp_path, {name: {"agent": {"_target_": "x.GoalHRL"}, "seed": i}
+                                       for i, name in enumerate(rows)})
+    for run, (name, values) in zip(runs, rows.items()):
+        (run / "tb").mkdir()
+        lines = [{"step": s, "train/episode_return": v, "goal/phase_open": float(name == "late" and s >= 4000)}
+                 for s, v in values]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert bins.binned({1000: -50.0, 2000: -30.0, 3000: 10.0}, 2000) == {0: -40.0, 2000: 10.0}
+    out = tmp_path / "bins.md"
+    assert bins.main([str(tmp_path), "--bin", "2000", "--out", str(out)]) == 0
+    table = out.read_text()
+    assert "| GoalHRL seed 0 | -40.0 | **20.0** | 70.0 |" in table
+    assert "| GoalHRL seed 1 (goals on from 4k) | -50.0 | -15.0 | **5.00** |" in table
+    assert bins.main([str(tmp_path), "--bin", "0"]) == 2 and "--bin must be >= 1" in capsys.readouterr().err
+
