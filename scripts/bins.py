@@ -50,8 +50,8 @@ def run_label(run: Path) -> str:
     return f"{agent} seed {cfg.get('seed')}" + (f" (goals on from {gate / 1000:g}k)" if gate is not None else "")
 
 
-def bin_table(runs: list[Path], tag: str, width: int, onset: float | None) -> str:
-    rows = {run: binned(read_curve(run, tag), width) for run in runs}
+def bin_table(labels: dict[Path, str], tag: str, width: int, onset: float | None) -> str:
+    rows = {run: binned(read_curve(run, tag), width) for run in labels}
     starts = sorted(set().union(*rows.values()))
     if not starts:
         return f"`{tag}`: not logged by these runs\n"
@@ -65,7 +65,7 @@ def bin_table(runs: list[Path], tag: str, width: int, onset: float | None) -> st
         for s in starts:
             cell = fmt(bins[s]) if s in bins else ""
             cells.append(f"**{cell}**" if s == first else cell)
-        lines.append(f"| {run_label(run)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {labels[run]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print("error: no runs found (a run directory holds config.yaml and tb/)", file=sys.stderr)
         return 2
-    md = "\n".join(bin_table(runs, tag, args.bin, args.onset if i == 0 else None) for i, tag in enumerate(args.tags))
+    labels = {run: run_label(run) for run in runs}  # read once: each label reads goal/phase_open
+    md = "\n".join(bin_table(labels, tag, args.bin, args.onset if i == 0 else None) for i, tag in enumerate(args.tags))
     print(md)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
