@@ -135,3 +135,26 @@ def test_ray_sweep_on_a_local_instance(tmp_path):
              "trainer.total_steps=150", timeout=400)
     dirs = job_dirs(tmp_path)
     assert len(dirs) == 2 and all((d / "results.json").exists() for d in dirs)
+
+
+def test_sweep_subdir_is_cut_with_a_hash_only_when_too_long():
+    from latentrl.config import SWEEP_SUBDIR_MAX, _sweep_subdir
+    assert _sweep_subdir(3, "seed=1,agent.lr=0.001") == "3_seed=1,agent.lr=0.001"  # short names as Hydra's
+    long_a = ",".join(f"agent.key_{i}=value_{i}" for i in range(30)) + ",seed=1"
+    long_b = long_a[:-1] + "2"  # differs only past the cut
+    a, b = _sweep_subdir(0, long_a), _sweep_subdir(0, long_b)
+    assert len(a.encode()) <= SWEEP_SUBDIR_MAX and a.startswith("0_agent.key_0=value_0")
+    assert a != b, "the hash keeps jobs whose overrides differ only past the cut apart"
+    assert _sweep_subdir(0, long_a) == a, "the same overrides name the same directory (resume finds it)"
+
+
+def test_sweep_with_many_overrides_does_not_exceed_the_file_name_limit(tmp_path):
+    # 9 agent keys beside SWEEP_TINY's: Hydra's <num>_<overrides> name would pass 255 bytes (OSError)
+    many = ["agent.gamma=0.99", "agent.tau=0.005", "agent.init_temperature=1.0", "agent.actor_update_every=1",
+            "agent.target_update_every=1", "agent.critic_layernorm=false", "agent.hidden_dims=[64,64]",
+            "agent.batch_size=64", "agent.augment_pad=4"]
+    assert len(",".join(SWEEP_TINY + many + ["seed=0"])) > 255
+    multirun(tmp_path, "seed=0,1", "trainer.total_steps=120", *many)
+    dirs = job_dirs(tmp_path)
+    assert len(dirs) == 2 and all(len(d.name.encode()) <= 200 for d in dirs)
+    assert [OmegaConf.load(d / "config.yaml").seed for d in dirs] == [0, 1]

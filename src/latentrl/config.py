@@ -3,6 +3,7 @@ and the OmegaConf resolvers the Hydra config uses (run directory naming)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -209,6 +210,22 @@ def _output_subdir(resume: Any, time: str) -> str:
     return ".hydra"
 
 
+SWEEP_SUBDIR_MAX = 200  # bytes of a sweep job's directory name kept readable (most filesystems allow 255)
+
+
+def _sweep_subdir(num: Any, override_dirname: Any) -> str:
+    """A sweep job's directory, `<num>_<overrides>`; a long override list (many keys) is cut and
+    ended with a hash of the whole list, so the name stays unique and under the filesystem's limit
+    (255 bytes) instead of failing the sweep with "File name too long"."""
+    name = f"{num}_{override_dirname}"
+    if len(name.encode()) <= SWEEP_SUBDIR_MAX:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    head = name.encode()[:SWEEP_SUBDIR_MAX - len(digest) - 1].decode(errors="ignore")
+    return f"{head}_{digest}"
+
+
 def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("latentrl_sweep_subdir", _sweep_subdir, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("latentrl_run_dir", _run_dir, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("latentrl_output_subdir", _output_subdir, use_cache=True, replace=True)
