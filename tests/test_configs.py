@@ -4,6 +4,7 @@ start-up with a message naming the override to use; every env runs end to end.""
 import gymnasium as gym
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import CONF, TINY, compose_cfg, train_run
 from latentrl.config import ConfigError
@@ -12,6 +13,7 @@ from latentrl.envs import make_env
 ENVS = sorted(p.stem for p in (CONF / "env").glob("*.yaml"))
 AGENTS = sorted(p.stem for p in (CONF / "agent").glob("*.yaml"))
 PIXEL_ENVS = {"carracing"}
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("agent", AGENTS)
@@ -66,3 +68,24 @@ def test_each_env_runs_end_to_end(tmp_path, env):
     assert np.isfinite(mean_return)
     assert (tmp_path / "results.json").exists() and (tmp_path / "checkpoints" / "last.pt").exists()
     assert (tmp_path / "config.yaml").exists() and any((tmp_path / "tb").iterdir())
+
+
+def _flat_keys(node, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in node.items():
+        keys |= _flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}"}
+    return keys
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_presets_set_only_keys_their_agent_defines(experiment):
+    """A key an experiment YAML sets under agent: merges in silently when misspelt (Hydra's struct check
+    covers command-line overrides, and the agents read low/high/model as plain dicts), so a typo in a
+    preset would run the defaults and report them as the preset. Each preset's agent keys must exist
+    in its agent's own YAML."""
+    cfg = compose_cfg([f"experiment={experiment}"])
+    agent_yaml = {OmegaConf.load(p)._target_: p.stem for p in (CONF / "agent").glob("*.yaml")}[cfg.agent._target_]
+    defined = _flat_keys(OmegaConf.to_container(compose_cfg([f"agent={agent_yaml}"]).agent))
+    preset = _flat_keys(OmegaConf.to_container(cfg.agent))
+    assert preset <= defined, f"experiment={experiment} sets agent keys conf/agent/{agent_yaml}.yaml lacks: " \
+                              f"{sorted(preset - defined)}"
