@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 
 # keys that never change what a run learns: where/how it ran and what it wrote on the side
-IGNORED_KEYS = {"seed", "resume", "device", "threads", "trainer.progress", "trainer.log_eval_video",
+IGNORED_KEYS = {"seed", "resume", "branch_from", "device", "threads", "trainer.progress", "trainer.log_eval_video",
                 "trainer.save_buffer", "trainer.checkpoint_every", "trainer.log_every"}
 
 

@@ -181,3 +181,50 @@ def test_weights_only_refuses_code(tmp_path):
         torch.save({"x": Evil()}, f)
     with pytest.raises(CheckpointError):
         checkpoint.load(tmp_path / "evil.pt")
+
+
+def test_branch_with_the_same_config_continues_exactly_as_its_source(tmp_path):
+    """branch_from starts a new run at the source's checkpoint; with the source's own config it must
+    continue as the source itself would (so a branch that changes one setting differs by that setting
+    alone), leave the source untouched, and resume in its own directory."""
+    base = ["env=pendulum", "agent=sac", *EXACT]
+    train_run([*base, "trainer.total_steps=400"], tmp_path / "straight")
+    train_run([*base, "trainer.total_steps=230"], tmp_path / "source")
+    before = (tmp_path / "source" / "checkpoints" / "last.pt").read_bytes()
+    train_run([*base, f"branch_from={tmp_path / 'source'}", "trainer.total_steps=330"], tmp_path / "branch")
+    train_run([f"resume={tmp_path / 'branch'}", "trainer.total_steps=400"], tmp_path / "unused")
+    assert (tmp_path / "source" / "checkpoints" / "last.pt").read_bytes() == before, "the source is not written"
+    assert_same_agent(params(tmp_path / "straight"), params(tmp_path / "branch"))
+    results = [json.loads((tmp_path / r / "results.json").read_text()) for r in ("straight", "branch")]
+    assert results[0]["eval/return_mean"] == results[1]["eval/return_mean"] and results[1]["step"] == 400
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "branch" / "metrics.jsonl").read_text().splitlines()]
+    assert min(steps) > 230, "the branch logs only what it trained itself, from the source's step on"
+
+
+def test_branch_takes_its_own_config_and_keeps_the_learned_state(tmp_path):
+    base = ["env=pendulum", "agent=sac", *EXACT]
+    train_run([*base, "trainer.total_steps=230"], tmp_path / "source")
+    train_run([*base, f"branch_from={tmp_path / 'source'}", "agent.lr=0.001", "trainer.total_steps=260"],
+              tmp_path / "branch")
+    src, branch = params(tmp_path / "source"), params(tmp_path / "branch")
+    for opt in branch["optimizers"].values():  # the moments come from the source, the rate from this config
+        assert all(g["lr"] == 0.001 for g in opt["param_groups"]) and opt["state"]
+    assert all(g["lr"] == 3e-4 for opt in src["optimizers"].values() for g in opt["param_groups"])
+    assert all(opt["state"][0]["step"] > src["optimizers"][k]["state"][0]["step"]
+               for k, opt in branch["optimizers"].items()), "the optimizers' step counts go on from the source's"
+
+
+def test_branch_refusals_name_the_key(tmp_path):
+    base = ["env=pendulum", "agent=sac", *TINY]
+    train_run(base, tmp_path / "source")  # 300 steps
+    src = f"branch_from={tmp_path / 'source'}"
+    with pytest.raises(ConfigError, match="'seed' differs"):
+        train_run([*base, src, "seed=1", "trainer.total_steps=400"], tmp_path / "a")
+    with pytest.raises(ConfigError, match="'env' differs"):
+        train_run([*base, src, "env.action_repeat=2", "trainer.total_steps=400"], tmp_path / "b")
+    with pytest.raises(ConfigError, match="set trainer.total_steps above it"):
+        train_run([*base, src], tmp_path / "c")
+    with pytest.raises(ConfigError, match="no checkpoints/last.pt"):
+        train_run([*base, f"branch_from={tmp_path / 'nowhere'}"], tmp_path / "d")
+    with pytest.raises(ConfigError, match="keep one"):
+        train_run([f"resume={tmp_path / 'source'}", src], tmp_path / "e")

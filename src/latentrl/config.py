@@ -216,8 +216,9 @@ SWEEP_SUBDIR_MAX = 200  # bytes of a sweep job's directory name kept readable (m
 def _sweep_subdir(num: Any, override_dirname: Any) -> str:
     """A sweep job's directory, `<num>_<overrides>`; a long override list (many keys) is cut and
     ended with a hash of the whole list, so the name stays unique and under the filesystem's limit
-    (255 bytes) instead of failing the sweep with "File name too long"."""
-    name = f"{num}_{override_dirname}"
+    (255 bytes) instead of failing the sweep with "File name too long". A '/' in a value (a path:
+    branch_from=outputs/...) would nest directories, so it becomes '%'."""
+    name = f"{num}_{override_dirname}".replace("/", "%")
     if len(name.encode()) <= SWEEP_SUBDIR_MAX:
         return name
     digest = hashlib.sha1(name.encode()).hexdigest()[:8]

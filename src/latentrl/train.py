@@ -67,9 +67,14 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     from latentrl.trainer import Trainer  # imported late: keeps `train.py --help` fast
 
     resuming = cfg.get("resume") not in (None, "")
-    if resuming:
+    branch_from = cfg.get("branch_from")
+    if resuming and branch_from not in (None, "") and any(_override_key(o) == "branch_from" for o in overrides or []):
+        raise ConfigError("resume and branch_from both set: resume continues a run in place, branch_from starts "
+                          "a new one from another's checkpoint; keep one")
+    if resuming:  # a resumed branch continues from its own checkpoints, not its source's
         cfg = resume_config(cfg, overrides or [])
         run_dir = Path(str(cfg.resume))
+        branch_from = None
     run_dir = Path(run_dir)
     if launcher is not None:
         sweep_job_defaults(cfg, launcher)
@@ -78,5 +83,5 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     check_output_dir(run_dir, "resume" if resuming else "hydra.sweep.dir" if launcher is not None else "hydra.run.dir")
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     log.info("run directory: %s", run_dir.resolve())
-    results = Trainer(cfg, run_dir, resume=resuming).train()
+    results = Trainer(cfg, run_dir, resume=resuming, branch_from=branch_from or None).train()
     return None if results is None else results["eval/return_mean"]

@@ -207,19 +207,19 @@ def _as_before(signum: int, frame, handler) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, run_dir: Path, resume: bool = False):
+    def __init__(self, cfg: DictConfig, run_dir: Path, resume: bool = False, branch_from: str | Path | None = None):
         # SIGINT/SIGTERM are honoured from here on: a stop that lands while the envs, the agent or a
         # checkpoint are still loading (a sweep stopped as its next job starts) ends train() at once
         # with a checkpoint to resume from, instead of killing a job that leaves nothing behind
         self.stop_requested, self._stop_time = False, 0.0
         self._old_handlers = self._install_signal_handlers()
         try:
-            self._build(cfg, run_dir, resume)
+            self._build(cfg, run_dir, resume, branch_from)
         except BaseException:
             self._restore_signal_handlers(self._old_handlers)
             raise
 
-    def _build(self, cfg: DictConfig, run_dir: Path, resume: bool) -> None:
+    def _build(self, cfg: DictConfig, run_dir: Path, resume: bool, branch_from: str | Path | None = None) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.t = cfg.trainer
         configure_threads(cfg.get("threads"))
@@ -262,6 +262,8 @@ class Trainer:
 
         if resume:
             self._load()
+        elif branch_from is not None:
+            self._branch(Path(str(branch_from)))
         # events at the checkpoint's own step were written before it was saved: purge only later ones
         self.logger = Logger(self.run_dir, purge_step=self.step + 1 if resume else None)
         if not resume:
@@ -527,13 +529,40 @@ class Trainer:
         self.logger.flush()
         log.info("checkpoint saved at step %d: %s", self.step, self.ckpt_dir / "last.pt")
 
-    def _load(self) -> None:
-        path = self.ckpt_dir / "last.pt"
+    def _branch(self, source: Path) -> None:
+        """branch_from: start this new run from `source`'s last checkpoint, everything as a resume of
+        it would (so an unchanged config continues exactly as the source does), except the config,
+        which is this run's: the optimizers keep their moments but take this config's learning rates
+        and other hyper-parameters. The running episode is replayed from the source's seed and env,
+        so those must be the same."""
+        if not (source / "checkpoints" / "last.pt").exists():
+            raise ConfigError(f"branch_from={source}: no checkpoints/last.pt there. Pass a run directory made by "
+                              "train.py that reached a checkpoint")
+        saved = ckpt_io.load(source / "checkpoints" / "last.pt")["config"]
+        for key in ("seed", "env"):
+            if saved.get(key) != to_plain(self.cfg).get(key):
+                raise ConfigError(f"branch_from={source}: '{key}' differs from the source run's ({saved.get(key)!r}); "
+                                  f"a branch replays the source's running episode: set {key} as in its config.yaml")
+        fresh = {name: [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+                 for name, opt in self.agent.optimizers.items()}
+        self._load(source / "checkpoints")
+        for name, groups in fresh.items():
+            for group, hyper in zip(self.agent.optimizers[name].param_groups, groups):
+                group.update(hyper)
+        if self.step >= self.t.total_steps:
+            raise ConfigError(f"branch_from={source} is at step {self.step}: set trainer.total_steps above it")
+        self.last_saved_step = None  # nothing saved in this run's own directory yet
+        log.info("branched from %s at step %d", source, self.step)
+
+    def _load(self, ckpt_dir: Path | None = None) -> None:
+        """Restore a checkpoint (this run's own unless `ckpt_dir` is given: a branch's source)."""
+        ckpt_dir = self.ckpt_dir if ckpt_dir is None else ckpt_dir
+        path = ckpt_dir / "last.pt"
         try:
             state = ckpt_io.load(path)
             fallback = False
         except ckpt_io.CheckpointError as e:
-            prev = self.ckpt_dir / "prev.pt"
+            prev = ckpt_dir / "prev.pt"
             if not prev.exists():
                 raise
             log.warning("%s; resuming from the previous checkpoint %s instead", e, prev)
@@ -552,7 +581,7 @@ class Trainer:
         self.step_done, self.eval_pending = c.get("step_done", True), c.get("eval_pending", False)
         self.last_saved_step = self.step
         self.last_eval = state["last_eval"]
-        buffers_file = self.ckpt_dir / "buffers.pt"
+        buffers_file = ckpt_dir / "buffers.pt"
         if state["buffers_saved"] and buffers_file.exists():
             bufs = ckpt_io.load(buffers_file)
             if bufs["step"] != self.step and fallback:
@@ -584,7 +613,7 @@ class Trainer:
         self.running = [Running(sub["episode"], list(sub["actions"].numpy()), sub["return"], sub["length"])
                         for sub in subs]
         ckpt_io.set_rng_state(state["rng"])
-        log.info("resumed %s at step %d (episode %d, %d updates)", self.run_dir, self.step, self.episode,
+        log.info("resumed %s at step %d (episode %d, %d updates)", ckpt_dir.parent, self.step, self.episode,
                  self.num_updates)
 
     # ------------------------------------------------------------------ signals
