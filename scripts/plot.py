@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 
 # keys that never change what a run learns: where/how it ran and what it wrote on the side
-IGNORED_KEYS = {"seed", "resume", "branch_from", "device", "threads", "trainer.progress", "trainer.log_eval_video",
+IGNORED_KEYS = {"seed", "resume", "device", "threads", "trainer.progress", "trainer.log_eval_video",
                 "trainer.save_buffer", "trainer.checkpoint_every", "trainer.log_every"}
 
 
@@ -50,6 +50,8 @@ def flatten(node, prefix: str = "") -> dict[str, object]:
 
 def load_config(run: Path, ignored: set[str]) -> dict:
     cfg = flatten(yaml.safe_load((run / "config.yaml").read_text()) or {})
+    if cfg.get("branch_from"):  # branches of different seeds' runs group together, apart from runs from scratch
+        cfg["branch_from"] = "a run"
     return {k: v for k, v in cfg.items() if k not in ignored}
 
 

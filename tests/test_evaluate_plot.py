@@ -193,3 +193,18 @@ def test_bins_average_each_runs_values_per_step_bin_and_mark_its_onset_and_gate(
     assert "| GoalHRL seed 1 (goals on from 4k) | -50.0 | -15.0 | **5.00** |" in table
     assert bins.main([str(tmp_path), "--bin", "0"]) == 2 and "--bin must be >= 1" in capsys.readouterr().err
 
+
+
+def test_plot_groups_branches_of_any_source_apart_from_runs_from_scratch(tmp_path):
+    plot = load_script("plot")
+    def run(name, seed, branch_from=None, mult=2.0):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "branch_from": branch_from,
+                                                       "agent": {"high": {"scale_motion_mult": mult}}}))
+        return d
+    runs = [run("scratch0", 0), run("scratch1", 1), run("branch0", 0, "outputs/a"), run("branch1", 1, "outputs/b"),
+            run("branch0_half", 0, "outputs/a", 1.0)]
+    groups, _ = plot.group_runs(runs, plot.IGNORED_KEYS)
+    members = sorted(sorted(r.name for r in g["runs"]) for g in groups)
+    assert members == [["branch0", "branch1"], ["branch0_half"], ["scratch0", "scratch1"]]

@@ -220,11 +220,12 @@ def test_branch_refusals_name_the_key(tmp_path):
     src = f"branch_from={tmp_path / 'source'}"
     with pytest.raises(ConfigError, match="'seed' differs"):
         train_run([*base, src, "seed=1", "trainer.total_steps=400"], tmp_path / "a")
-    with pytest.raises(ConfigError, match="'env' differs"):
+    with pytest.raises(ConfigError, match="'env.action_repeat' differs"):
         train_run([*base, src, "env.action_repeat=2", "trainer.total_steps=400"], tmp_path / "b")
     with pytest.raises(ConfigError, match="set trainer.total_steps above it"):
         train_run([*base, src], tmp_path / "c")
-    with pytest.raises(ConfigError, match="no checkpoints/last.pt"):
+    with pytest.raises(ConfigError, match="checkpoints/last.pt there"):
         train_run([*base, f"branch_from={tmp_path / 'nowhere'}"], tmp_path / "d")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists(), "refused before the run dir is written"
     with pytest.raises(ConfigError, match="keep one"):
         train_run([f"resume={tmp_path / 'source'}", src], tmp_path / "e")

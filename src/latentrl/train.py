@@ -43,6 +43,28 @@ def resume_config(cli_cfg: DictConfig, overrides: list[str]) -> DictConfig:
     return cfg
 
 
+# env keys that change how frames are produced, not which: a branch may differ from its source in them
+BRANCH_FREE_ENV_KEYS = {"lazy_render", "vector_mode"}
+
+
+def check_branch(cfg: DictConfig, source: Path) -> None:
+    """branch_from: refuse, before anything is built, a source without a checkpoint or one whose seed or
+    env differ from this config (the branch replays the source's running episode from them). Env keys
+    the source's code did not have yet are not compared."""
+    if not (source / "checkpoints" / "last.pt").exists() or not (source / "config.yaml").exists():
+        raise ConfigError(f"branch_from={source}: no config.yaml and checkpoints/last.pt there. Pass a run "
+                          "directory made by train.py that reached a checkpoint")
+    saved = OmegaConf.to_container(OmegaConf.load(source / "config.yaml"))
+    mine = OmegaConf.to_container(cfg, resolve=True)
+    if saved.get("seed") != mine.get("seed"):
+        raise ConfigError(f"branch_from={source}: 'seed' differs from the source run's ({saved.get('seed')!r}): "
+                          f"set seed={saved.get('seed')}, as in its config.yaml")
+    for key, value in (saved.get("env") or {}).items():
+        if key not in BRANCH_FREE_ENV_KEYS and key in mine["env"] and mine["env"][key] != value:
+            raise ConfigError(f"branch_from={source}: 'env.{key}' differs from the source run's ({value!r}): set "
+                              f"env.{key} as in its config.yaml (a branch replays the source's running episode)")
+
+
 def sweep_job_defaults(cfg: DictConfig, launcher) -> None:
     """Inside a sweep: torch threads per job so that jobs x threads <= cores (unless `threads` is
     set), and no progress bars from parallel jobs."""
@@ -79,6 +101,8 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     if launcher is not None:
         sweep_job_defaults(cfg, launcher)
     validate(cfg)
+    if branch_from not in (None, ""):
+        check_branch(cfg, Path(str(branch_from)))
     check_machine(cfg)
     check_output_dir(run_dir, "resume" if resuming else "hydra.sweep.dir" if launcher is not None else "hydra.run.dir")
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)

@@ -533,16 +533,7 @@ class Trainer:
         """branch_from: start this new run from `source`'s last checkpoint, everything as a resume of
         it would (so an unchanged config continues exactly as the source does), except the config,
         which is this run's: the optimizers keep their moments but take this config's learning rates
-        and other hyper-parameters. The running episode is replayed from the source's seed and env,
-        so those must be the same."""
-        if not (source / "checkpoints" / "last.pt").exists():
-            raise ConfigError(f"branch_from={source}: no checkpoints/last.pt there. Pass a run directory made by "
-                              "train.py that reached a checkpoint")
-        saved = ckpt_io.load(source / "checkpoints" / "last.pt")["config"]
-        for key in ("seed", "env"):
-            if saved.get(key) != to_plain(self.cfg).get(key):
-                raise ConfigError(f"branch_from={source}: '{key}' differs from the source run's ({saved.get(key)!r}); "
-                                  f"a branch replays the source's running episode: set {key} as in its config.yaml")
+        and other hyper-parameters. train.check_branch has checked the source, seed and env first."""
         fresh = {name: [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
                  for name, opt in self.agent.optimizers.items()}
         self._load(source / "checkpoints")
@@ -613,7 +604,7 @@ class Trainer:
         self.running = [Running(sub["episode"], list(sub["actions"].numpy()), sub["return"], sub["length"])
                         for sub in subs]
         ckpt_io.set_rng_state(state["rng"])
-        log.info("resumed %s at step %d (episode %d, %d updates)", ckpt_dir.parent, self.step, self.episode,
+        log.info("restored %s at step %d (episode %d, %d updates)", ckpt_dir.parent, self.step, self.episode,
                  self.num_updates)
 
     # ------------------------------------------------------------------ signals
