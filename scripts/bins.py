@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plot import fmt, find_runs, read_curve, short  # noqa: E402  (scripts/ is not a package)
+from plot import IGNORED_KEYS, fmt, find_runs, group_runs, read_curve, short  # noqa: E402  (scripts/ is not a package)
 
 GATE_TAG = "goal/phase_open"
 
@@ -36,18 +36,33 @@ def binned(curve: dict[int, float], width: int) -> dict[int, float]:
     return {start: float(np.mean(v)) for start, v in sorted(sums.items())}
 
 
-def gate_step(run: Path) -> int | None:
-    """The first agent step at which the goal-free first phase was over, or None (no such phase, or
-    still closed)."""
-    opened = [step for step, value in read_curve(run, GATE_TAG).items() if value >= 0.5]
-    return min(opened) if opened else None
+def gate_step(run: Path) -> tuple[int | None, bool]:
+    """The first agent step at which the goal-free first phase was over (None: no such phase, or still
+    closed), and whether it was already over at the run's first log (a branch of a run that opened it)."""
+    curve = read_curve(run, GATE_TAG)
+    opened = [step for step, value in curve.items() if value >= 0.5]
+    if not opened:
+        return None, False
+    return min(opened), min(opened) == min(curve)
 
 
-def run_label(run: Path) -> str:
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
-    agent = short(cfg.get("agent", {}).get("_target_", "agent"))
-    gate = gate_step(run)
-    return f"{agent} seed {cfg.get('seed')}" + (f" (goals on from {gate / 1000:g}k)" if gate is not None else "")
+def run_labels(runs: list[Path]) -> dict[Path, str]:
+    """Agent and seed, the config keys that tell the runs' configurations apart (as plot.py's legend),
+    and the gate step."""
+    groups, _ = group_runs(runs, IGNORED_KEYS)
+    config_label = {run: g["label"] for g in groups for run in g["runs"]} if len(groups) > 1 else {}
+    labels = {}
+    for run in runs:
+        cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+        label = f"{short(cfg.get('agent', {}).get('_target_', 'agent'))} seed {cfg.get('seed')}"
+        if run in config_label:
+            label += f", {config_label[run]}"
+        gate, at_start = gate_step(run)
+        if gate is not None:
+            label += (f" (goals already on at its first log, {gate / 1000:g}k)" if at_start and cfg.get("branch_from")
+                      else f" (goals on from {gate / 1000:g}k)")
+        labels[run] = label
+    return labels
 
 
 def bin_table(labels: dict[Path, str], tag: str, width: int, onset: float | None) -> str:
@@ -88,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print("error: no runs found (a run directory holds config.yaml and tb/)", file=sys.stderr)
         return 2
-    labels = {run: run_label(run) for run in runs}  # read once: each label reads goal/phase_open
+    labels = run_labels(runs)  # read once: each label reads goal/phase_open
     md = "\n".join(bin_table(labels, tag, args.bin, args.onset if i == 0 else None) for i, tag in enumerate(args.tags))
     print(md)
     if args.out is not None:

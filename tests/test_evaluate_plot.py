@@ -195,6 +195,20 @@ def test_bins_average_each_runs_values_per_step_bin_and_mark_its_onset_and_gate(
 
 
 
+def test_bins_labels_name_the_differing_key_and_a_branch_whose_goals_were_already_on(tmp_path):
+    bins = load_script("bins")
+    configs = {f"mult{m}": {"agent": {"_target_": "x.GoalHRL", "high": {"scale_motion_mult": m}}, "seed": 0,
+                            "branch_from": "outputs/src"} for m in (1.0, 2.0)}
+    runs = config_only_runs(tmp_path, configs)
+    for run in runs:
+        (run / "tb").mkdir()
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "goal/phase_open": 1.0}) + "\n"
+                                                   for s in (25500, 26000)))
+    labels = sorted(bins.run_labels(runs).values())
+    assert labels == [f"GoalHRL seed 0, agent.high.scale_motion_mult={m} (goals already on at its first log, 25.5k)"
+                      for m in (1, 2)]
+
+
 def test_plot_groups_branches_of_any_source_apart_from_runs_from_scratch(tmp_path):
     plot = load_script("plot")
     def run(name, seed, branch_from=None, mult=2.0):
