@@ -38,7 +38,7 @@ def binned(curve: dict[int, float], width: int) -> dict[int, float]:
 
 def gate_step(run: Path) -> tuple[int | None, bool]:
     """The first agent step at which the goal-free first phase was over (None: no such phase, or still
-    closed), and whether it was already over at the run's first log (a branch of a run that opened it)."""
+    closed), and whether it was already over at the run's first log (a branch of a run that had opened it)."""
     curve = read_curve(run, GATE_TAG)
     opened = [step for step, value in curve.items() if value >= 0.5]
     if not opened:
@@ -59,7 +59,7 @@ def run_labels(runs: list[Path]) -> dict[Path, str]:
             label += f", {config_label[run]}"
         gate, at_start = gate_step(run)
         if gate is not None:
-            label += (f" (goals already on at its first log, {gate / 1000:g}k)" if at_start and cfg.get("branch_from")
+            label += (f" (goals already on at its first log, {gate / 1000:g}k)" if at_start
                       else f" (goals on from {gate / 1000:g}k)")
         labels[run] = label
     return labels

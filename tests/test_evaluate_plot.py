@@ -194,7 +194,6 @@ def test_bins_average_each_runs_values_per_step_bin_and_mark_its_onset_and_gate(
     assert bins.main([str(tmp_path), "--bin", "0"]) == 2 and "--bin must be >= 1" in capsys.readouterr().err
 
 
-
 def test_bins_labels_name_the_differing_key_and_a_branch_whose_goals_were_already_on(tmp_path):
     bins = load_script("bins")
     configs = {f"mult{m}": {"agent": {"_target_": "x.GoalHRL", "high": {"scale_motion_mult": m}}, "seed": 0,
@@ -211,14 +210,11 @@ def test_bins_labels_name_the_differing_key_and_a_branch_whose_goals_were_alread
 
 def test_plot_groups_branches_of_any_source_apart_from_runs_from_scratch(tmp_path):
     plot = load_script("plot")
-    def run(name, seed, branch_from=None, mult=2.0):
-        d = tmp_path / name
-        d.mkdir()
-        (d / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "branch_from": branch_from,
-                                                       "agent": {"high": {"scale_motion_mult": mult}}}))
-        return d
-    runs = [run("scratch0", 0), run("scratch1", 1), run("branch0", 0, "outputs/a"), run("branch1", 1, "outputs/b"),
-            run("branch0_half", 0, "outputs/a", 1.0)]
+    runs = config_only_runs(tmp_path, {
+        name: {"seed": seed, "branch_from": source, "agent": {"high": {"scale_motion_mult": mult}}}
+        for name, seed, source, mult in [("scratch0", 0, None, 2.0), ("scratch1", 1, None, 2.0),
+                                         ("branch0", 0, "outputs/a", 2.0), ("branch1", 1, "outputs/b", 2.0),
+                                         ("branch0_half", 0, "outputs/a", 1.0)]})
     groups, _ = plot.group_runs(runs, plot.IGNORED_KEYS)
     members = sorted(sorted(r.name for r in g["runs"]) for g in groups)
     assert members == [["branch0", "branch1"], ["branch0_half"], ["scratch0", "scratch1"]]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from latentrl.config import ConfigError, check_machine, check_output_dir, usable_cores, validate
+from latentrl.config import ConfigError, check_machine, check_output_dir, to_plain, usable_cores, validate
 
 log = logging.getLogger("latentrl")
 
@@ -55,7 +55,7 @@ def check_branch(cfg: DictConfig, source: Path) -> None:
         raise ConfigError(f"branch_from={source}: no config.yaml and checkpoints/last.pt there. Pass a run "
                           "directory made by train.py that reached a checkpoint")
     saved = OmegaConf.to_container(OmegaConf.load(source / "config.yaml"))
-    mine = OmegaConf.to_container(cfg, resolve=True)
+    mine = to_plain(cfg)
     if saved.get("seed") != mine.get("seed"):
         raise ConfigError(f"branch_from={source}: 'seed' differs from the source run's ({saved.get('seed')!r}): "
                           f"set seed={saved.get('seed')}, as in its config.yaml")
