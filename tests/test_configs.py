@@ -14,6 +14,7 @@ ENVS = sorted(p.stem for p in (CONF / "env").glob("*.yaml"))
 AGENTS = sorted(p.stem for p in (CONF / "agent").glob("*.yaml"))
 PIXEL_ENVS = {"carracing"}
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+ABLATIONS = sorted(p.stem for p in (CONF / "ablation").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("agent", AGENTS)
@@ -77,15 +78,28 @@ def _flat_keys(node, prefix: str = "") -> set[str]:
     return keys
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_presets_set_only_keys_their_agent_defines(experiment):
-    """A key an experiment YAML sets under agent: merges in silently when misspelt (Hydra's struct check
-    covers command-line overrides, and the agents read low/high/model as plain dicts), so a typo in a
-    preset would run the defaults and report them as the preset. Each preset's agent keys must exist
-    in its agent's own YAML."""
-    cfg = compose_cfg([f"experiment={experiment}"])
+@pytest.mark.parametrize("overrides", [[f"experiment={e}"] for e in EXPERIMENTS]
+                         + [["experiment=goal_hrl_carracing", f"+ablation={a}"] for a in ABLATIONS])
+def test_experiment_presets_set_only_keys_their_agent_defines(overrides):
+    """A key an experiment or ablation YAML sets under agent: merges in silently when misspelt (Hydra's
+    struct check covers command-line overrides, and the agents read low/high/model as plain dicts), so a
+    typo in a preset would run the defaults and report them as the preset. Each preset's agent keys must
+    exist in its agent's own YAML."""
+    cfg = compose_cfg(overrides)
     agent_yaml = {OmegaConf.load(p)._target_: p.stem for p in (CONF / "agent").glob("*.yaml")}[cfg.agent._target_]
     defined = _flat_keys(OmegaConf.to_container(compose_cfg([f"agent={agent_yaml}"]).agent))
     preset = _flat_keys(OmegaConf.to_container(cfg.agent))
-    assert preset <= defined, f"experiment={experiment} sets agent keys conf/agent/{agent_yaml}.yaml lacks: " \
+    assert preset <= defined, f"{' '.join(overrides)} sets agent keys conf/agent/{agent_yaml}.yaml lacks: " \
                               f"{sorted(preset - defined)}"
+
+
+def test_sac_worker_ablation_is_the_readme_overrides():
+    """+ablation=sac_worker stands for the five overrides the README's sac-until-gate CarRacing runs were
+    launched with: the two must compose the same agent, or the README's rows no longer reproduce."""
+    explicit = compose_cfg(["experiment=goal_hrl_carracing", "agent.low.own_encoder=true",
+                            "agent.planning.candidates=0", "agent.low.track_critic_reads_goal=false",
+                            "agent.low.goal_encoder_weight=0.0", "agent.low.normalize_rewards=goal"])
+    ablation = compose_cfg(["experiment=goal_hrl_carracing", "+ablation=sac_worker"])
+    assert OmegaConf.to_container(ablation.agent) == OmegaConf.to_container(explicit.agent)
+    assert OmegaConf.to_container(ablation.agent) != OmegaConf.to_container(
+        compose_cfg(["experiment=goal_hrl_carracing"]).agent)
