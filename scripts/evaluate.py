@@ -100,6 +100,9 @@ def evaluate(path: Path, episodes: int, seed: int | None = None, video: Path | N
         successes.append(success)
         print(f"episode {i}: return {ret:.1f} ({length} steps{'' if success is None else f', success {success}'})")
     env.close()
+    agent_metrics = agent.eval_metrics()  # goal_hrl: how the deterministic windows reached their goals
+    for key, value in agent_metrics.items():
+        print(f"{key}: {value:.4g}")
     if video:
         fps = float(env.metadata.get("render_fps") or 30) / max(1, int(cfg.env.action_repeat))
         save_video(frames, video, fps)
@@ -108,7 +111,7 @@ def evaluate(path: Path, episodes: int, seed: int | None = None, video: Path | N
             "episode_seeds": seeds, "returns": returns, "lengths": lengths,
             "return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)),
             "success_rate": None if None in successes else float(np.mean(successes)),
-            "video": str(video) if video else None}
+            "agent_metrics": agent_metrics, "video": str(video) if video else None}
 
 
 def main(argv: list[str] | None = None) -> int:

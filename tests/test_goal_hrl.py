@@ -924,6 +924,46 @@ def test_evaluation_does_not_disturb_the_training_window():
     assert agent.pending["steps"] == before[1]["steps"]
 
 
+def test_eval_windows_are_scored_from_their_start_and_end_ema_latents_and_emitted_once():
+    """Evaluation windows get the training windows' metrics, measured on the deterministic policy: start
+    distance from the EMA latent at the window's first step, end distance from the EMA latent of the
+    observation that opens the next window; eval_metrics() emits them once and training stats stay apart."""
+    agent, env = build_agent("agent.k=5")
+    collect(agent, env, 120)
+    agent.update(120)  # empties the training stats
+    agent.begin_episode(explore=False)
+    obs, observations, goals = env.reset(seed=3)[0], [], []
+    for _ in range(11):  # two full windows; the 11th act opens the third, closing the second
+        observations.append(obs)
+        obs = env.step(agent.act(obs, explore=False))[0]
+        goals.append(torch.as_tensor(agent.state[False]["goal"]))
+    assert agent.env_stats == {}  # evaluation windows never enter the training metrics
+    metrics = agent.eval_metrics()
+    assert metrics["eval/goal_windows"] == 2.0 and agent.eval_metrics() == {}
+    z = [agent.target_goals(agent.obs_tensor(o))[1][0] for o in (observations[0], observations[5], observations[10])]
+    start = [float(agent.window_stats(z[0], goals[0], z[0], 0.0)["window_distance"]),
+             float(agent.window_stats(z[1], goals[5], z[1], 0.0)["window_distance"])]
+    end = [float(agent.window_stats(z[0], goals[0], z[1], 0.0)["window_distance"]),
+           float(agent.window_stats(z[1], goals[5], z[2], 0.0)["window_distance"])]
+    assert not torch.equal(goals[0], goals[5])
+    assert metrics["eval/goal_start_distance"] == pytest.approx(np.mean(start), rel=1e-5)
+    assert metrics["eval/goal_window_distance"] == pytest.approx(np.mean(end), rel=1e-5)
+    assert metrics["eval/goal_progress"] == pytest.approx(np.mean(start) - np.mean(end), rel=1e-4, abs=1e-8)
+
+
+def test_window_stats_score_reaching_the_goal_staying_put_and_the_mirror():
+    agent, _ = build_agent()
+    start, goal = torch.zeros(agent.goal_dim), torch.full((agent.goal_dim,), 0.1)
+    start_dist = float(((goal - start) ** 2).mean())
+    reached = agent.window_stats(start, goal, goal, start_dist)
+    assert reached["relative_success"] == 1.0 and reached["closer"] == 1.0
+    assert reached["progress"] == pytest.approx(start_dist)
+    assert reached["progress_mirror"] == pytest.approx(-3 * start_dist)  # ended 2x as far from the mirror goal
+    assert reached["relative_success_mirror"] == 0.0 and reached["closer_mirror"] == 0.0
+    still = agent.window_stats(start, goal, start, start_dist)  # never moved: no progress, no success
+    assert still["progress"] == 0.0 and still["closer"] == 0.0 and still["relative_success"] == 0.0
+
+
 def test_cem_planning_searches_beyond_the_actors_proposals(monkeypatch):
     """On a score whose optimum lies far from the actor's mean, CEM's later rounds find goals that
     re-ranking the actor's own samples (method=sample, as many candidates in all) cannot, and CEM
@@ -1005,7 +1045,8 @@ def test_smoke_pendulum(tmp_path, reward):
     assert np.isfinite(ret)
     keys = set().union(*_metrics(tmp_path))
     for key in ["goal/window_distance", "goal/relative_success", "goal/progress", "goal/scale", "goal/f_error", "goal/plan_gain", "loss/low_critic",
-                "loss/high_critic", "loss/goal_f", "loss/recon", "train/low_alpha", "train/high_alpha"]:
+                "loss/high_critic", "loss/goal_f", "loss/recon", "train/low_alpha", "train/high_alpha",
+                "eval/goal_progress", "eval/goal_relative_success_mirror", "eval/goal_windows"]:
         assert key in keys, key
 
 
@@ -1138,3 +1179,18 @@ def test_goal_probe_cli_writes_json_and_refuses_other_agents(tmp_path, capsys):
     assert goal_probe.main([str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "agent=goal_hrl" in err[0]
+
+
+def test_evaluate_script_reproduces_the_trainers_eval_goal_metrics(tmp_path, capsys):
+    """scripts/evaluate.py on a goal_hrl checkpoint plays the trainer's final evaluation episodes and so
+    reports the same eval/goal_ window metrics as the run logged (results.json), and prints them."""
+    from test_evaluate_plot import load_script
+
+    evaluate = load_script("evaluate")
+    train_run([*TINY, "env=pendulum", "threads=1", "trainer.total_steps=250", "agent=goal_hrl", *FAST], tmp_path)
+    logged = {k: v for k, v in json.loads((tmp_path / "results.json").read_text()).items() if k.startswith("eval/goal_")}
+    assert logged["eval/goal_windows"] == 19.0  # a 200-step episode, k=10: its last window is not seen closing
+    assert evaluate.main([str(tmp_path), "--episodes", "1", "--out", str(tmp_path / "eval.json")]) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())["agent_metrics"]
+    assert report == pytest.approx(logged, rel=1e-6)
+    assert "eval/goal_progress:" in capsys.readouterr().out

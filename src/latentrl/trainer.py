@@ -449,6 +449,7 @@ class Trainer:
         global_rng, agent_rng = ckpt_io.rng_state(), self.agent.np_rng.bit_generator.state
         returns, lengths, successes, frames = [], [], [], []
         self.eval_pending = True
+        self.agent.eval_metrics()  # drop what an interrupted evaluation left
         try:
             for i in range(self.t.eval_episodes):
                 record = self.t.log_eval_video and i == 0
@@ -470,6 +471,7 @@ class Trainer:
                    "eval/episode_length": float(np.mean(lengths)) if lengths else float("nan")}
         if successes and None not in successes:  # goal-conditioned envs: share of episodes ending at the goal
             metrics["eval/success_rate"] = float(np.mean(successes))
+        metrics.update(self.agent.eval_metrics())
         self.logger.scalars(metrics, self.step)
         for name, img in self.agent.images().items():
             self.logger.image(name, img, self.step)

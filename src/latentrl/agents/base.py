@@ -69,6 +69,11 @@ class Agent(nn.Module):
         """Every replay buffer the agent owns (checkpointed in their own file)."""
         return {}
 
+    def eval_metrics(self) -> dict[str, float]:
+        """Metrics the agent gathered while acting in the evaluation episodes since the last call,
+        logged beside eval/return_mean (goal_hrl: how its windows reach their goals)."""
+        return {}
+
     def images(self) -> dict[str, np.ndarray]:
         """Images for TensorBoard at evaluation time, name -> CHW uint8/float array (e.g. reconstructions)."""
         return {}

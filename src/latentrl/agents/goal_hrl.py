@@ -511,6 +511,7 @@ class GoalHRL(Agent):
         self.state = {True: self._fresh_state(), False: self._fresh_state()}
         self.pending: dict | None = None  # the open high-level window of the training episode
         self.env_stats: dict[str, list[float]] = {}  # env-time goal/ metrics, emitted by the next update()
+        self.eval_window_stats: list[dict] = []  # window metrics of evaluation episodes, emitted by eval_metrics()
         self.num_updates = 0
         self.eval_windows = 0
         self.to(self.device)
@@ -674,6 +675,10 @@ class GoalHRL(Agent):
         h_low = h if self.worker_encoder is None else self.worker_encoder(obs_t)
         new_window = self._new_window(explore)
         z = self.target_goals(obs_t)[1] if new_window or self.goal_input == "offset" else None
+        if new_window and not explore and s["goal"] is not None:  # obs ends the evaluation window before it
+            self.eval_window_stats.append(self.window_stats(
+                torch.as_tensor(s["start_latent"], device=self.device), torch.as_tensor(s["goal"], device=self.device),
+                z[0], s["start_dist"]))
         if new_window:
             u, goal = self.choose_goal(h, g, z, explore, obs=obs)
             self._open_window(explore, z, u, goal)
@@ -966,34 +971,47 @@ class GoalHRL(Agent):
         self.high_replay.add(p["obs"], p["action"], p["reward"], next_obs, terminated, truncated, steps=p["steps"])
         with torch.no_grad():
             achieved = self.target_goals(self.obs_tensor(next_obs))[1][0]
-            goal = torch.as_tensor(p["goal"], device=self.device)
-            dist = float(goal_distance(achieved, goal))
-            # chance level: the same window scored against its goal mirrored through the start latent
-            # (as far away, the opposite way); a worker that ignores its goal reaches both alike
             start_latent = torch.as_tensor(p["start_latent"], device=self.device)
-            mirror = (2 * start_latent - goal).clamp(-1.0, 1.0)
-            mirror_dist = float(goal_distance(achieved, mirror))
-            mirror_start = float(goal_distance(start_latent, mirror))
             motion_sq = goal_distance(achieved, start_latent)
+            stats = self.window_stats(start_latent, torch.as_tensor(p["goal"], device=self.device), achieved,
+                                      float(p["start_dist"]))
         if p["steps"] == self.k:  # the k-step motion of a full window, as the current policy moves
             self._stat("goal/window_motion", float(motion_sq.sqrt()))
             if not self.motion_from_replay:
                 self.motion.add(motion_sq)
-        start = float(p["start_dist"])
-        self._stat("goal/window_distance", dist)
-        self._stat("goal/start_distance", start)
-        self._stat("goal/progress", start - dist)
-        # the same for the mirrored goal: any large motion makes progress negative toward both, so
-        # aim shows as progress above the mirror's
-        self._stat("goal/progress_mirror", mirror_start - mirror_dist)
-        # share of windows ending nearer their goal than they started (> 0.5: median progress > 0); the
-        # mean progress above is set by rare windows that move the latent ~5x a typical one
-        self._stat("goal/closer", float(dist < start))
-        self._stat("goal/closer_mirror", float(mirror_dist < mirror_start))
-        self._stat("goal/relative_success", float(dist < self.success_ratio * start))
-        self._stat("goal/relative_success_mirror", float(mirror_dist < self.success_ratio * mirror_start))
+        for key, value in stats.items():
+            self._stat(f"goal/{key}", value)
         self.pending = None
         self.state[True]["t"] = self.k  # the next act() starts a new window
+
+    def window_stats(self, start_latent: torch.Tensor, goal: torch.Tensor, achieved: torch.Tensor,
+                     start_dist: float) -> dict[str, float]:
+        """How one finished window did against its goal (EMA latents of its start and end). Each metric
+        comes with its chance level: the same window scored against the goal mirrored through the start
+        latent (as far away, the opposite way), which a worker that ignores its goal reaches alike."""
+        mirror = (2 * start_latent - goal).clamp(-1.0, 1.0)
+        dist, start = float(goal_distance(achieved, goal)), float(start_dist)
+        mirror_dist, mirror_start = float(goal_distance(achieved, mirror)), float(goal_distance(start_latent, mirror))
+        return {"window_distance": dist, "start_distance": start,
+                # any large motion makes progress negative toward both goals: aim shows as progress above the mirror's
+                "progress": start - dist, "progress_mirror": mirror_start - mirror_dist,
+                # share of windows ending nearer their goal than they started (> 0.5: median progress > 0); the
+                # mean progress is set by rare windows that move the latent ~5x a typical one
+                "closer": float(dist < start), "closer_mirror": float(mirror_dist < mirror_start),
+                "relative_success": float(dist < self.success_ratio * start),
+                "relative_success_mirror": float(mirror_dist < self.success_ratio * mirror_start)}
+
+    def eval_metrics(self) -> dict[str, float]:
+        """The window metrics of the evaluation windows since the last call, as eval/goal_<metric>: the
+        deterministic worker against the deterministic manager's goals, on the trainer's fixed evaluation
+        episodes (the goal/ metrics are training windows, with both levels' exploration noise in them).
+        Each episode's last window is not counted (act never sees the observation that ends it)."""
+        windows, self.eval_window_stats = self.eval_window_stats, []
+        if not windows:
+            return {}
+        metrics = {f"eval/goal_{key}": float(np.mean([w[key] for w in windows])) for key in windows[0]}
+        metrics["eval/goal_windows"] = float(len(windows))
+        return metrics
 
     def buffers(self) -> dict[str, ReplayBuffer]:
         return {"replay": self.replay, "high_replay": self.high_replay}
