@@ -949,6 +949,7 @@ def test_eval_windows_are_scored_from_their_start_and_end_ema_latents_and_emitte
     assert metrics["eval/goal_start_distance"] == pytest.approx(np.mean(start), rel=1e-5)
     assert metrics["eval/goal_window_distance"] == pytest.approx(np.mean(end), rel=1e-5)
     assert metrics["eval/goal_progress"] == pytest.approx(np.mean(start) - np.mean(end), rel=1e-4, abs=1e-8)
+    assert metrics["eval/goal_progress_after_first"] == pytest.approx(start[1] - end[1], rel=1e-4, abs=1e-8)
 
 
 def test_window_stats_score_reaching_the_goal_staying_put_and_the_mirror():

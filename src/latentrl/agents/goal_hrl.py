@@ -514,6 +514,7 @@ class GoalHRL(Agent):
         self.eval_window_stats: list[dict] = []  # window metrics of evaluation episodes, emitted by eval_metrics()
         self.num_updates = 0
         self.eval_windows = 0
+        self.eval_episode_windows = 0
         self.to(self.device)
 
     @staticmethod
@@ -649,6 +650,7 @@ class GoalHRL(Agent):
             self.pending = None
         else:
             self.eval_windows = 0  # seeds the planning candidates of each evaluation window
+            self.eval_episode_windows = 0  # evaluation windows closed in this episode
             self._record_plan = self.graph_planning  # draw this evaluation episode's first route
 
     def _new_window(self, explore: bool) -> bool:
@@ -676,9 +678,12 @@ class GoalHRL(Agent):
         new_window = self._new_window(explore)
         z = self.target_goals(obs_t)[1] if new_window or self.goal_input == "offset" else None
         if new_window and not explore and s["goal"] is not None:  # obs ends the evaluation window before it
-            self.eval_window_stats.append(self.window_stats(
-                torch.as_tensor(s["start_latent"], device=self.device), torch.as_tensor(s["goal"], device=self.device),
-                z[0], s["start_dist"]))
+            stats = self.window_stats(torch.as_tensor(s["start_latent"], device=self.device),
+                                      torch.as_tensor(s["goal"], device=self.device), z[0], s["start_dist"])
+            if self.eval_episode_windows > 0:  # an episode's first window can move by the env's doing alone
+                stats["progress_after_first"] = stats["progress"]  # (CarRacing's zoom-in: ~500x a typical window)
+            self.eval_episode_windows += 1
+            self.eval_window_stats.append(stats)
         if new_window:
             u, goal = self.choose_goal(h, g, z, explore, obs=obs)
             self._open_window(explore, z, u, goal)
@@ -1005,11 +1010,13 @@ class GoalHRL(Agent):
         """The window metrics of the evaluation windows since the last call, as eval/goal_<metric>: the
         deterministic worker against the deterministic manager's goals, on the trainer's fixed evaluation
         episodes (the goal/ metrics are training windows, with both levels' exploration noise in them).
-        Each episode's last window is not counted (act never sees the observation that ends it)."""
+        Each episode's last window is not counted (act never sees the observation that ends it);
+        progress_after_first leaves out each episode's first one too."""
         windows, self.eval_window_stats = self.eval_window_stats, []
         if not windows:
             return {}
-        metrics = {f"eval/goal_{key}": float(np.mean([w[key] for w in windows])) for key in windows[0]}
+        keys = dict.fromkeys(key for w in windows for key in w)  # progress_after_first: not every window has it
+        metrics = {f"eval/goal_{key}": float(np.mean([w[key] for w in windows if key in w])) for key in keys}
         metrics["eval/goal_windows"] = float(len(windows))
         return metrics
 
