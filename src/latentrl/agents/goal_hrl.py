@@ -511,7 +511,7 @@ class GoalHRL(Agent):
         self.state = {True: self._fresh_state(), False: self._fresh_state()}
         self.pending: dict | None = None  # the open high-level window of the training episode
         self.env_stats: dict[str, list[float]] = {}  # env-time goal/ metrics, emitted by the next update()
-        self.eval_window_stats: list[dict] = []  # window metrics of evaluation episodes, emitted by eval_metrics()
+        self.eval_stats: dict[str, list[float]] = {}  # window metrics of evaluation episodes, emitted by eval_metrics()
         self.num_updates = 0
         self.eval_windows = 0
         self.eval_episode_windows = 0
@@ -683,7 +683,8 @@ class GoalHRL(Agent):
             if self.eval_episode_windows > 0:  # an episode's first window can move by the env's doing alone
                 stats["progress_after_first"] = stats["progress"]  # (CarRacing's zoom-in: ~500x a typical window)
             self.eval_episode_windows += 1
-            self.eval_window_stats.append(stats)
+            for key, value in stats.items():
+                self.eval_stats.setdefault(key, []).append(value)
         if new_window:
             u, goal = self.choose_goal(h, g, z, explore, obs=obs)
             self._open_window(explore, z, u, goal)
@@ -1012,12 +1013,11 @@ class GoalHRL(Agent):
         episodes (the goal/ metrics are training windows, with both levels' exploration noise in them).
         Each episode's last window is not counted (act never sees the observation that ends it);
         progress_after_first leaves out each episode's first one too."""
-        windows, self.eval_window_stats = self.eval_window_stats, []
-        if not windows:
+        stats, self.eval_stats = self.eval_stats, {}
+        if not stats:
             return {}
-        keys = dict.fromkeys(key for w in windows for key in w)  # progress_after_first: not every window has it
-        metrics = {f"eval/goal_{key}": float(np.mean([w[key] for w in windows if key in w])) for key in keys}
-        metrics["eval/goal_windows"] = float(len(windows))
+        metrics = {f"eval/goal_{key}": float(np.mean(values)) for key, values in stats.items()}
+        metrics["eval/goal_windows"] = float(len(stats["progress"]))
         return metrics
 
     def buffers(self) -> dict[str, ReplayBuffer]:
