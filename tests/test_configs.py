@@ -93,13 +93,25 @@ def test_experiment_presets_set_only_keys_their_agent_defines(overrides):
                               f"{sorted(preset - defined)}"
 
 
-def test_sac_worker_ablation_is_the_readme_overrides():
-    """+ablation=sac_worker stands for the five overrides the README's sac-until-gate CarRacing runs were
-    launched with: the two must compose the same agent, or the README's rows no longer reproduce."""
+SAC_WORKER = {"own_encoder": ("low", True), "track_critic_reads_goal": ("low", False),
+              "goal_encoder_weight": ("low", 0.0), "normalize_rewards": ("low", "goal"), "candidates": ("planning", 0)}
+
+
+def test_carracing_preset_is_the_sac_worker_and_shared_worker_gives_back_the_earlier_one():
+    """Since 2026-12-04 experiment=goal_hrl_carracing sets the five keys of the worker that is sac until its gate
+    (the README's runs were launched with them as overrides), and +ablation=shared_worker restores the agent's own
+    defaults for exactly those five, i.e. the preset of 2026-12-03, so the README's earlier rows reproduce."""
+    preset = compose_cfg(["experiment=goal_hrl_carracing"]).agent
+    shared = compose_cfg(["experiment=goal_hrl_carracing", "+ablation=shared_worker"]).agent
+    defaults = compose_cfg(["agent=goal_hrl"]).agent
     explicit = compose_cfg(["experiment=goal_hrl_carracing", "agent.low.own_encoder=true",
                             "agent.planning.candidates=0", "agent.low.track_critic_reads_goal=false",
-                            "agent.low.goal_encoder_weight=0.0", "agent.low.normalize_rewards=goal"])
-    ablation = compose_cfg(["experiment=goal_hrl_carracing", "+ablation=sac_worker"])
-    assert OmegaConf.to_container(ablation.agent) == OmegaConf.to_container(explicit.agent)
-    assert OmegaConf.to_container(ablation.agent) != OmegaConf.to_container(
-        compose_cfg(["experiment=goal_hrl_carracing"]).agent)
+                            "agent.low.goal_encoder_weight=0.0", "agent.low.normalize_rewards=goal"]).agent
+    assert OmegaConf.to_container(preset) == OmegaConf.to_container(explicit)
+    for key, (group, value) in SAC_WORKER.items():
+        assert preset[group][key] == value
+        assert shared[group][key] == defaults[group][key] != value, key
+    preset_rest, shared_rest = OmegaConf.to_container(preset), OmegaConf.to_container(shared)
+    for key, (group, _) in SAC_WORKER.items():
+        del preset_rest[group][key], shared_rest[group][key]
+    assert preset_rest == shared_rest
