@@ -104,9 +104,8 @@ def test_carracing_preset_is_the_sac_worker_and_shared_worker_gives_back_the_ear
     preset = compose_cfg(["experiment=goal_hrl_carracing"]).agent
     shared = compose_cfg(["experiment=goal_hrl_carracing", "+ablation=shared_worker"]).agent
     defaults = compose_cfg(["agent=goal_hrl"]).agent
-    explicit = compose_cfg(["experiment=goal_hrl_carracing", "agent.low.own_encoder=true",
-                            "agent.planning.candidates=0", "agent.low.track_critic_reads_goal=false",
-                            "agent.low.goal_encoder_weight=0.0", "agent.low.normalize_rewards=goal"]).agent
+    explicit = compose_cfg(["experiment=goal_hrl_carracing"]
+                           + [f"agent.{group}.{key}={value}" for key, (group, value) in SAC_WORKER.items()]).agent
     assert OmegaConf.to_container(preset) == OmegaConf.to_container(explicit)
     for key, (group, value) in SAC_WORKER.items():
         assert preset[group][key] == value
